@@ -1,0 +1,266 @@
+"""Convolutions, normalisation and the cell ops of NVAE (NVAE_SPEC §2.2-2.3).
+
+Every module here takes plain arguments; none of them knows about the recipe schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WN_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Normalisation settings shared by every layer of one network."""
+
+    bn_momentum: float = 0.05
+    bn_eps: float = 1e-5
+    weight_norm: bool = True
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of a cell. ``kind`` is a key of :data:`OP_TABLE`."""
+
+    kind: str
+    kernel: int = 3
+    dilation: int = 1
+    expansion: float = 1.0
+    groups: int = 0
+    activation: str = "swish"
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "swish": F.silu,
+    "elu": F.elu,
+    "relu": F.relu,
+}
+
+# Gradient checkpointing re-runs a cell's forward during backward; batch norm must not update its
+# running statistics a second time then. The checkpoint wrapper flips this flag while recomputing.
+_RECOMPUTING = [False]
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    previous = _RECOMPUTING[0]
+    _RECOMPUTING[0] = True
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] = previous
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that leaves running statistics alone while a checkpointed cell is recomputed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _RECOMPUTING[0]:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(x)
+
+
+def batch_norm(channels: int, norm: NormSpec) -> BatchNorm:
+    return BatchNorm(channels, eps=norm.bn_eps, momentum=norm.bn_momentum)
+
+
+class Conv2D(nn.Conv2d):
+    """Conv with optional weight normalisation w = exp(g)·W/‖W‖ and optional data-dependent init."""
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        weight_norm: bool = True,
+        data_init: bool = False,
+    ) -> None:
+        super().__init__(c_in, c_out, kernel, stride, padding, dilation, groups, bias)
+        self.weight_norm = weight_norm
+        if weight_norm:
+            init = self.weight.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            self.log_weight_norm = nn.Parameter(torch.log(init + 1e-2))
+        # A buffer, so that a checkpoint remembers whether the init already happened.
+        self.register_buffer("needs_data_init", torch.tensor(bool(data_init)), persistent=True)
+
+    def normalized_weight(self) -> torch.Tensor:
+        if not self.weight_norm:
+            return self.weight
+        norm = self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return torch.exp(self.log_weight_norm) * self.weight / (norm + WN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and bool(self.needs_data_init):
+            self._data_dependent_init(x)
+        return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @torch.no_grad()
+    def _data_dependent_init(self, x: torch.Tensor) -> None:
+        """Scale (and shift) the first batch's outputs to zero mean and std 1/5, as the official ELU cells do."""
+        weight = self.weight / (self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + WN_EPS)
+        out = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        mean = out.mean(dim=(0, 2, 3))
+        std = 5 * out.std(dim=(0, 2, 3))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for t in (mean, std):
+                torch.distributed.all_reduce(t)
+                t /= world
+        if self.bias is not None:
+            self.bias.copy_(-mean / (std + WN_EPS))
+        if self.weight_norm:
+            self.log_weight_norm.copy_(-torch.log(std.view(-1, 1, 1, 1) + WN_EPS))
+        self.needs_data_init.fill_(False)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        hidden = max(channels // 16, 4)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+def _upsample_nearest(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class ActConv(nn.Module):
+    """[BN →] activation → [nearest ×2 up] → conv: the ``res_*`` ops."""
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        stride: int,
+        spec: OpSpec,
+        norm: NormSpec,
+        use_bn: bool,
+        data_init: bool = False,
+    ) -> None:
+        super().__init__()
+        self.upsample = stride == -1
+        self.bn = batch_norm(c_in, norm) if use_bn else None
+        self.activation = ACTIVATIONS[spec.activation]
+        padding = spec.dilation * (spec.kernel - 1) // 2
+        self.conv = Conv2D(
+            c_in,
+            c_out,
+            spec.kernel,
+            stride=abs(stride),
+            padding=padding,
+            dilation=spec.dilation,
+            bias=True,
+            weight_norm=norm.weight_norm,
+            data_init=data_init,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is not None:
+            x = self.bn(x)
+        x = self.activation(x)
+        if self.upsample:
+            x = _upsample_nearest(x)
+        return self.conv(x)
+
+
+class ConvBNAct(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, groups: int, act: str, norm: NormSpec) -> None:
+        super().__init__(
+            Conv2D(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False, weight_norm=False),
+            batch_norm(c_out, norm),
+            _Activation(act),
+        )
+
+
+class _Activation(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ACTIVATIONS[self.name](x)
+
+
+class InvertedResidual(nn.Module):
+    """MBConv without an inner residual (the cell supplies it); its convs are not weight-normed."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, spec: OpSpec, norm: NormSpec) -> None:
+        super().__init__()
+        hidden = int(round(c_in * spec.expansion))
+        groups = hidden if spec.groups == 0 else spec.groups
+        self.upsample = stride == -1
+        self.layers = nn.Sequential(
+            batch_norm(c_in, norm),
+            ConvBNAct(c_in, hidden, 1, 1, 1, spec.activation, norm),
+            ConvBNAct(hidden, hidden, spec.kernel, abs(stride), groups, spec.activation, norm),
+            Conv2D(hidden, c_out, 1, bias=False, weight_norm=False),
+            batch_norm(c_out, norm),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            x = _upsample_nearest(x)
+        return self.layers(x)
+
+
+OpFactory = Callable[[int, int, int, OpSpec, NormSpec], nn.Module]
+
+# The one table from an op name to the module that implements it.
+OP_TABLE: dict[str, OpFactory] = {
+    "res_bnswish": lambda ci, co, s, spec, norm: ActConv(ci, co, s, spec, norm, use_bn=True),
+    "res_bnswish5": lambda ci, co, s, spec, norm: ActConv(ci, co, s, spec, norm, use_bn=True),
+    "res_bnelu": lambda ci, co, s, spec, norm: ActConv(ci, co, s, spec, norm, use_bn=True),
+    "res_elu": lambda ci, co, s, spec, norm: ActConv(ci, co, s, spec, norm, use_bn=False, data_init=True),
+    "mbconv": InvertedResidual,
+}
+
+
+def make_op(c_in: int, c_out: int, stride: int, spec: OpSpec, norm: NormSpec) -> nn.Module:
+    if spec.kind not in OP_TABLE:
+        raise KeyError(f"unknown op {spec.kind!r}; known: {sorted(OP_TABLE)}")
+    return OP_TABLE[spec.kind](c_in, c_out, stride, spec, norm)
+
+
+class FactorizedReduce(nn.Module):
+    """Stride-2 skip path: Swish, then four 1×1 stride-2 convs on shifted copies, concatenated."""
+
+    def __init__(self, c_in: int, c_out: int, norm: NormSpec) -> None:
+        super().__init__()
+        quarter = c_out // 4
+        widths = [quarter, quarter, quarter, c_out - 3 * quarter]
+        self.convs = nn.ModuleList(
+            Conv2D(c_in, w, 1, stride=2, bias=True, weight_norm=norm.weight_norm) for w in widths
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(x)
+        shifted = (x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :])
+        return torch.cat([conv(t) for conv, t in zip(self.convs, shifted, strict=True)], dim=1)
+
+
+class UpSkip(nn.Module):
+    """Upsampling skip path: bilinear ×2 (corners aligned), then a 1×1 conv to the new width."""
+
+    def __init__(self, c_in: int, c_out: int, norm: NormSpec) -> None:
+        super().__init__()
+        self.conv = Conv2D(c_in, c_out, 1, weight_norm=norm.weight_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
