@@ -374,7 +374,7 @@ class ModelConfig(_Strict):
 
 
 # ---------------------------------------------------------------------------------------------- data
-DatasetName = Literal["mnist", "binarized_mnist", "idx", "cifar10", "image_folder", "synthetic"]
+DatasetName = Literal["mnist", "binarized_mnist", "idx", "cifar10", "image_folder"]
 
 
 class DataConfig(_Strict):
@@ -409,6 +409,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(3e-4, ge=0, description="Coupled L2 inside Adamax, on every parameter.")
     adamax_eps: float = Field(1e-3, gt=0)
     warmup_epochs: float = Field(5, ge=0, description="Linear LR warm-up length, counted per iteration.")
+    cosine_per: Literal["epoch", "step"] = Field(
+        "epoch", description="Cosine decay stepped per epoch (the paper) or per step (short budgets)."
+    )
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm (off, like the paper).")
     skip_threshold: float | None = Field(None, gt=0, description="Skip steps whose gradient norm exceeds this.")
     nonfinite: Literal["skip", "stop", "raise"] = Field(
@@ -422,6 +425,9 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: int = Field(200, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
     image_every_steps: int = Field(500, ge=1)
+    eval_at_end: bool = Field(True, description="Evaluate NELBO and IW NLL on the test split when the run ends.")
+    eval_iw_samples: int = Field(10, ge=1, description="Importance samples of the end-of-run evaluation.")
+    eval_images: int | None = Field(1000, ge=1, description="Test images of the end-of-run evaluation (null = all).")
     progress: bool = True
 
     @model_validator(mode="after")

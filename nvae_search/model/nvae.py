@@ -210,7 +210,7 @@ class NVAE(nn.Module):
     def forward(self, x: torch.Tensor) -> ForwardResult:
         top_feature, stored = self.encode(x)
         ftr = self.enc0(top_feature)
-        mu_q, log_sigma_q = self.enc_sampler[0](ftr).chunk(2, dim=1)
+        mu_q, log_sigma_q = self.enc_sampler[0](ftr).float().chunk(2, dim=1)
         q = LatentNormal(mu_q, log_sigma_q)
         z = q.sample()
         log_q_terms = [q.log_prob(z)]
@@ -229,9 +229,9 @@ class NVAE(nn.Module):
                     continue
                 g = item
                 if g > 0:
-                    mu_p, log_sigma_p = self.dec_sampler[g - 1](s).chunk(2, dim=1)
+                    mu_p, log_sigma_p = self.dec_sampler[g - 1](s).float().chunk(2, dim=1)
                     feature = self.enc_combiners[g - 1](stored[g - 1], s)
-                    d_mu, d_log_sigma = self.enc_sampler[g](feature).chunk(2, dim=1)
+                    d_mu, d_log_sigma = self.enc_sampler[g](feature).float().chunk(2, dim=1)
                     if self.arch.res_dist:
                         q = LatentNormal(mu_p + d_mu, log_sigma_p + d_log_sigma)
                     else:
@@ -246,7 +246,8 @@ class NVAE(nn.Module):
                 s = self.dec_combiners[g](s, z)
         for cell in self.post_process:
             s = cell(s)
-        output = self.make_output(self.image_conditional(s))
+        # Latent and output parameters are kept in fp32 under autocast: log-densities need the precision.
+        output = self.make_output(self.image_conditional(s).float())
         with_flows = self.arch.num_flows > 0
         kl_maps = [
             lq - lp if with_flows else q_.kl(p_)
@@ -289,12 +290,12 @@ class NVAE(nn.Module):
                     s = item(s)
                     continue
                 if item > 0:
-                    mu, log_sigma = self.dec_sampler[item - 1](s).chunk(2, dim=1)
+                    mu, log_sigma = self.dec_sampler[item - 1](s).float().chunk(2, dim=1)
                     z = LatentNormal(mu, log_sigma, temperature).sample()
                 s = self.dec_combiners[item](s, z)
         for cell in self.post_process:
             s = cell(s)
-        return _Sampled(self.make_output(self.image_conditional(s)), self.arch.output)
+        return _Sampled(self.make_output(self.image_conditional(s).float()), self.arch.output)
 
     def conv_layers(self) -> list[nn.Conv2d]:
         return [m for m in self.modules() if isinstance(m, nn.Conv2d)]

@@ -1,0 +1,88 @@
+"""Stability telemetry of a run: gradient norms, loss spikes, skipped steps, active latent units."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ACTIVE_UNIT_KL = 0.1  # the paper's rule: a latent channel is active when its mean KL exceeds 0.1 nats
+SPIKE_WINDOW = 50
+SPIKE_MIN_HISTORY = 20
+
+
+@dataclass
+class StabilityTracker:
+    """Counts what a reader of a stability report wants: spikes, skipped steps, gradient-norm extremes."""
+
+    spike_factor: float = 3.0
+    grad_norm_max: float = 0.0
+    grad_norm_sum: float = 0.0
+    grad_norm_count: int = 0
+    loss_spikes: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    nonfinite_events: int = 0
+    recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=SPIKE_WINDOW))
+
+    def observe_loss(self, loss: float) -> bool:
+        """Record a finite loss; returns True if it is a spike against the running median."""
+        spike = False
+        if len(self.recent_losses) >= SPIKE_MIN_HISTORY:
+            median = statistics.median(self.recent_losses)
+            spike = abs(loss) > self.spike_factor * abs(median) and abs(loss - median) > 1e-8
+        self.loss_spikes += int(spike)
+        self.recent_losses.append(loss)
+        return spike
+
+    def observe_grad_norm(self, norm: float) -> None:
+        if math.isfinite(norm):
+            self.grad_norm_max = max(self.grad_norm_max, norm)
+            self.grad_norm_sum += norm
+            self.grad_norm_count += 1
+
+    def skipped(self) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+
+    def stepped(self) -> None:
+        self.consecutive_skips = 0
+
+    @property
+    def grad_norm_mean(self) -> float:
+        return self.grad_norm_sum / max(self.grad_norm_count, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "grad_norm_max": self.grad_norm_max,
+            "grad_norm_sum": self.grad_norm_sum,
+            "grad_norm_count": self.grad_norm_count,
+            "loss_spikes": self.loss_spikes,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "nonfinite_events": self.nonfinite_events,
+            "recent_losses": list(self.recent_losses),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if key == "recent_losses":
+                self.recent_losses = deque(value, maxlen=SPIKE_WINDOW)
+            else:
+                setattr(self, key, value)
+
+
+def active_units(kl_per_channel: list[torch.Tensor]) -> list[int]:
+    """Active latent channels per group (batch-mean KL above 0.1 nats)."""
+    return [int((k > ACTIVE_UNIT_KL).sum()) for k in kl_per_channel]
+
+
+def gradient_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
