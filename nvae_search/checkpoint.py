@@ -34,9 +34,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"{p}: no checkpoint file here")
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"{p}: not a readable nvae-search checkpoint (truncated or foreign file): {reason}") from None
+        raise CheckpointError(
+            f"{p}: not a readable nvae-search checkpoint (truncated or foreign file): {reason}"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not an nvae-search checkpoint (format tag {FORMAT!r} missing)")
     return state

@@ -60,9 +60,7 @@ def parse_yaml_text(text: str, source: str) -> Any:
     if node is None:
         return None
     if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
-        raise ConfigError(
-            source, [("", f"the YAML expands to more than {MAX_EXPANDED_NODES} nodes (alias bomb?)")]
-        )
+        raise ConfigError(source, [("", f"the YAML expands to more than {MAX_EXPANDED_NODES} nodes (alias bomb?)")])
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:  # e.g. python/object tags, which the safe loader refuses

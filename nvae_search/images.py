@@ -15,8 +15,8 @@ from .config_io import atomic_write_bytes
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
     """(N, C, H, W) in [0, 1] → one (3, H', W') image with a white gap between tiles."""
     n, c, h, w = images.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    rows = int(math.ceil(n / nrow))
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
     images = images.detach().float().clamp(0, 1).cpu()
     if c == 1:
         images = images.expand(-1, 3, -1, -1)

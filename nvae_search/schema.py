@@ -104,7 +104,9 @@ _E6K9 = {"type": "mbconv", "expansion": 6, "kernel": 9, "groups": 0}
 _E3K9 = {"type": "mbconv", "expansion": 3, "kernel": 9, "groups": 0}
 
 
-def _preset(enc: list[dict[str, Any]], dec: list[dict[str, Any]], pre: list[dict[str, Any]], post: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def _preset(
+    enc: list[dict[str, Any]], dec: list[dict[str, Any]], pre: list[dict[str, Any]], post: list[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
     return {
         "normal_enc": enc,
         "down_enc": enc,
@@ -403,7 +405,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(200, ge=1, description="Per process; the global batch is batch_size × world size.")
     epochs: int | None = Field(None, ge=1, description="Budget in epochs (the default when nothing is set: 200).")
     steps: int | None = Field(None, ge=1, description="Budget in optimizer steps.")
-    minutes: float | None = Field(None, gt=0, description="Wall-clock budget; the schedules assume `steps` or `epochs`.")
+    minutes: float | None = Field(
+        None, gt=0, description="Wall-clock budget; the schedules assume `steps` or `epochs`."
+    )
     learning_rate: float = Field(1e-2, gt=0)
     learning_rate_min: float = Field(1e-4, ge=0)
     weight_decay: float = Field(3e-4, ge=0, description="Coupled L2 inside Adamax, on every parameter.")
@@ -511,5 +515,3 @@ def dump_recipe(recipe: Recipe) -> str:
 
 def recipe_json_schema() -> dict[str, Any]:
     return Recipe.model_json_schema()
-
-

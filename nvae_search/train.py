@@ -114,8 +114,16 @@ def peak_memory_mb(device: torch.device) -> float:
 class LRSchedule:
     """Linear warm-up per iteration, then cosine decay per epoch (the paper) or per step."""
 
-    def __init__(self, lr: float, lr_min: float, warmup_steps: int, total_steps: int, iters_per_epoch: int,
-                 warmup_epochs: float, per: str) -> None:
+    def __init__(
+        self,
+        lr: float,
+        lr_min: float,
+        warmup_steps: int,
+        total_steps: int,
+        iters_per_epoch: int,
+        warmup_epochs: float,
+        per: str,
+    ) -> None:
         self.lr, self.lr_min, self.warmup_steps = lr, lr_min, warmup_steps
         self.total_steps, self.iters_per_epoch, self.per = total_steps, iters_per_epoch, per
         self.warmup_epochs = int(warmup_epochs)
@@ -172,8 +180,9 @@ class Trainer:
         self.model: NVAE = build_model(recipe.model).to(device)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.net: nn.Module = self._wrap_distributed(self.model)
-        self.train_set = build_dataset(recipe.data, split="train", resolution=recipe.model.resolution,
-                                       channels=recipe.model.input_channels)
+        self.train_set = build_dataset(
+            recipe.data, split="train", resolution=recipe.model.resolution, channels=recipe.model.input_channels
+        )
         self.binarize = needs_binarize(recipe.data)
         global_batch = self.cfg.batch_size * self.world
         self.iters_per_epoch = max(1, len(self.train_set) // global_batch)
@@ -181,7 +190,10 @@ class Trainer:
             raise ValueError("the training set is smaller than one global batch")
         self.total_steps = self._planned_steps()
         self.optimizer = torch.optim.Adamax(
-            self.model.parameters(), lr=self.cfg.learning_rate, betas=(0.9, 0.999), eps=self.cfg.adamax_eps,
+            self.model.parameters(),
+            lr=self.cfg.learning_rate,
+            betas=(0.9, 0.999),
+            eps=self.cfg.adamax_eps,
             weight_decay=self.cfg.weight_decay,
         )
         self.scheduler = self._make_scheduler()
@@ -194,8 +206,11 @@ class Trainer:
             raise ValueError("model.numerics.precision fp16 needs a CUDA device (it uses a gradient scaler); use bf16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, enabled=precision == "fp16")
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=True)
-                    if self.cfg.ema_decay else None)
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=True)
+            if self.cfg.ema_decay
+            else None
+        )
         self.tracker = StabilityTracker(spike_factor=self.cfg.spike_factor)
         self.unit = unit_for(recipe.model.output.distribution)
         self.dims = recipe.model.data_dims()
@@ -225,10 +240,16 @@ class Trainer:
         return 0  # fixed after timing the first steps
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
-        warmup = int(round(self.cfg.warmup_epochs * self.iters_per_epoch))
-        schedule = LRSchedule(self.cfg.learning_rate, self.cfg.learning_rate_min, warmup,
-                              max(self.total_steps, 1), self.iters_per_epoch, self.cfg.warmup_epochs,
-                              self.cfg.cosine_per)
+        warmup = round(self.cfg.warmup_epochs * self.iters_per_epoch)
+        schedule = LRSchedule(
+            self.cfg.learning_rate,
+            self.cfg.learning_rate_min,
+            warmup,
+            max(self.total_steps, 1),
+            self.iters_per_epoch,
+            self.cfg.warmup_epochs,
+            self.cfg.cosine_per,
+        )
         self.schedule = schedule
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.factor)
 
@@ -289,13 +310,17 @@ class Trainer:
                 order[i * global_batch : (i + 1) * global_batch][self.rank :: self.world].tolist()
                 for i in range(offset, self.iters_per_epoch)
             ]
-            loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.recipe.data.num_workers)
-            for batch in loader:
-                yield batch
+            # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, which would
+            # make a resumed run (which opens a new iterator mid-epoch) drift from an uninterrupted one.
+            loader = DataLoader(
+                self.train_set, batch_sampler=batches, num_workers=self.recipe.data.num_workers, generator=generator
+            )
+            yield from loader
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return prepare_batch(x.to(self.device, non_blocking=True), binarize=self.binarize,
-                             num_bits=self.recipe.model.output.num_x_bits)
+        return prepare_batch(
+            x.to(self.device, non_blocking=True), binarize=self.binarize, num_bits=self.recipe.model.output.num_x_bits
+        )
 
     # ----------------------------------------------------------------------------------- one step
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -305,8 +330,13 @@ class Trainer:
 
     def compute_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         loss_cfg = self.recipe.model.loss
-        beta = kl_coefficient(self.step, max(self.total_steps, 1), loss_cfg.kl_anneal_portion,
-                              loss_cfg.kl_const_portion, loss_cfg.kl_const_coeff)
+        beta = kl_coefficient(
+            self.step,
+            max(self.total_steps, 1),
+            loss_cfg.kl_anneal_portion,
+            loss_cfg.kl_const_portion,
+            loss_cfg.kl_const_coeff,
+        )
         with self._autocast():
             result = self.net(x)
             recon = self.model.reconstruction_loss(result.output, x)
@@ -439,7 +469,9 @@ class Trainer:
             self.load_state_dict(load_checkpoint(checkpoint, self.device))
             self._trim_metrics()
         elif checkpoint.exists():
-            raise RunDirError(f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out")
+            raise RunDirError(
+                f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out"
+            )
         if self.main:
             atomic_write_text(self.out_dir / RESOLVED_RECIPE, dump_recipe(self.recipe))
             from tensorboardX import SummaryWriter
@@ -476,7 +508,9 @@ class Trainer:
                 if divergence is not None:
                     return "diverged", divergence, self.step
                 if not self.total_steps and self.step >= STEP_TIME_PROBE:
-                    self._set_total_steps(max(self.step + 1, int(self.cfg.minutes * 60 / statistics.median(self.step_times))))  # type: ignore[operator]
+                    self._set_total_steps(
+                        max(self.step + 1, int(self.cfg.minutes * 60 / statistics.median(self.step_times)))
+                    )  # type: ignore[operator]
                 if info is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                     metrics = self._metrics(info)
                     self.log(metrics)
@@ -487,8 +521,10 @@ class Trainer:
                     progress.update(info)
                 if self.step % self.cfg.image_every_steps == 0:
                     self.log_images(x)
-                if (self.step % self.cfg.checkpoint_every_steps == 0
-                        or time.monotonic() - last_save > self.cfg.checkpoint_every_minutes * 60):
+                if (
+                    self.step % self.cfg.checkpoint_every_steps == 0
+                    or time.monotonic() - last_save > self.cfg.checkpoint_every_minutes * 60
+                ):
                     self.save()
                     last_save = time.monotonic()
         finally:
@@ -537,19 +573,32 @@ class Trainer:
         return summary
 
     def final_eval(self) -> Any:
-        test_set = build_dataset(self.recipe.data, split="test", resolution=self.recipe.model.resolution,
-                                 channels=self.recipe.model.input_channels)
+        test_set = build_dataset(
+            self.recipe.data,
+            split="test",
+            resolution=self.recipe.model.resolution,
+            channels=self.recipe.model.input_channels,
+        )
         model = self.ema.module if self.ema is not None else self.model
-        return evaluate(model, test_set, prepare=self.prepare, iw_samples=self.cfg.eval_iw_samples,
-                        batch_size=self.recipe.eval.batch_size, chunk=self.recipe.eval.chunk,
-                        images=self.cfg.eval_images, device=self.device)
+        return evaluate(
+            model,
+            test_set,
+            prepare=self.prepare,
+            iw_samples=self.cfg.eval_iw_samples,
+            batch_size=self.recipe.eval.batch_size,
+            chunk=self.recipe.eval.chunk,
+            images=self.cfg.eval_images,
+            device=self.device,
+        )
 
     def _write_hparams(self, summary: RunSummary) -> None:
         flat = _flatten(recipe_to_dict(self.recipe)["model"], "model")
         flat.update(_flatten(recipe_to_dict(self.recipe)["train"], "train"))
         hparams = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
-        metrics = {"hparam/train_nelbo": summary.train_nelbo or float("nan"),
-                   "hparam/diverged": float(summary.status == "diverged")}
+        metrics = {
+            "hparam/train_nelbo": summary.train_nelbo or float("nan"),
+            "hparam/diverged": float(summary.status == "diverged"),
+        }
         if summary.eval:
             metrics["hparam/eval_nll"] = summary.eval["nll"]
             metrics["hparam/eval_nelbo"] = summary.eval["nelbo"]
@@ -577,12 +626,17 @@ class _Progress:
 
         self.trainer = trainer
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TextColumn("{task.fields[speed]}"),
-            TimeRemainingColumn(), transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TextColumn("{task.fields[speed]}"),
+            TimeRemainingColumn(),
+            transient=False,
         )
-        self.task = self.progress.add_task(trainer.recipe.name, total=trainer.total_steps or None,
-                                           completed=trainer.step, stats="", speed="")
+        self.task = self.progress.add_task(
+            trainer.recipe.name, total=trainer.total_steps or None, completed=trainer.step, stats="", speed=""
+        )
         self.progress.start()
 
     def update(self, info: dict[str, Any] | None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..schema import CELL_ROLES, ModelConfig, MBConvOp, ResOp
+from ..schema import CELL_ROLES, MBConvOp, ModelConfig, ResOp
 from .nvae import NVAE, NVAEArch
 from .ops import NormSpec, OpSpec
 

@@ -46,7 +46,10 @@ class Cell(nn.Module):
         else:
             raise ValueError(f"stride must be 1, 2 or -1, got {stride}")
         self.ops = nn.Sequential(
-            *(make_op(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, spec, norm) for i, spec in enumerate(ops))
+            *(
+                make_op(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, spec, norm)
+                for i, spec in enumerate(ops)
+            )
         )
         self.se = SqueezeExcite(c_out) if use_se else None
 

@@ -61,7 +61,9 @@ class ARConv2d(nn.Conv2d):
         weight_init_coeff: float = 1.0,
     ) -> None:
         super().__init__(c_in, c_out, kernel, 1, padding, 1, groups, bias)
-        self.register_buffer("mask", autoregressive_mask(c_in, c_out, kernel, groups, zero_diag, mirror), persistent=False)
+        self.register_buffer(
+            "mask", autoregressive_mask(c_in, c_out, kernel, groups, zero_diag, mirror), persistent=False
+        )
         init = (self.weight.detach() * self.mask).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         self.log_weight_norm = nn.Parameter(torch.log(weight_init_coeff * init + 1e-2))
 

@@ -144,7 +144,9 @@ class NVAE(nn.Module):
         enc_sampler, dec_sampler, flows = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for s, groups, level in self._decoder_scales():
             for g in range(groups):
-                enc_sampler.append(Conv2D(a.widths_enc[level], z2, 3, padding=1, bias=True, weight_norm=a.norm.weight_norm))
+                enc_sampler.append(
+                    Conv2D(a.widths_enc[level], z2, 3, padding=1, bias=True, weight_norm=a.norm.weight_norm)
+                )
                 flows.append(nn.Sequential(*(PairedARCell(a.latent_per_group) for _ in range(a.num_flows))))
                 if not (s == 0 and g == 0):
                     conv = Conv2D(a.widths_dec[level], z2, 1, bias=True, weight_norm=a.norm.weight_norm)
@@ -218,7 +220,6 @@ class NVAE(nn.Module):
         prior = LatentNormal.standard(z)
         log_p_terms = [prior.log_prob(z)]
         qs, ps = [q], [prior]
-        zs = [z]
         if self.arch.vanilla:
             s = self.stem_decoder(z)
         else:

@@ -63,7 +63,11 @@ class BatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and _RECOMPUTING[0]:
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            # Throwaway copies of the running stats: the recompute must save as many tensors as the original
+            # forward did (torch.utils.checkpoint checks the count), without updating the real statistics.
+            return F.batch_norm(
+                x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True, 0.0, self.eps
+            )
         return super().forward(x)
 
 
@@ -203,7 +207,7 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int, spec: OpSpec, norm: NormSpec) -> None:
         super().__init__()
-        hidden = int(round(c_in * spec.expansion))
+        hidden = round(c_in * spec.expansion)
         groups = hidden if spec.groups == 0 else spec.groups
         self.upsample = stride == -1
         self.layers = nn.Sequential(

@@ -1,0 +1,124 @@
+"""Working with a finished (or running) run directory: load its model, evaluate it, sample from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from .config_io import ConfigError, atomic_write_text
+from .data import build_dataset, needs_binarize, prepare_batch
+from .evaluate import EvalResult, evaluate
+from .images import make_grid, save_png
+from .model.builder import build_model
+from .model.nvae import NVAE
+from .schema import Recipe, load_recipe
+from .train import RESOLVED_RECIPE, pick_device
+
+
+@dataclass
+class LoadedRun:
+    recipe: Recipe
+    model: NVAE
+    step: int
+    device: torch.device
+    run_dir: Path
+
+
+def load_run(run_dir: str | os.PathLike[str], device: str | torch.device | None = None, ema: bool = True) -> LoadedRun:
+    """Rebuild the model of a run from its resolved recipe and checkpoint (EMA weights when the run kept them)."""
+    root = Path(run_dir)
+    if not (root / RESOLVED_RECIPE).is_file():
+        raise ConfigError(str(root), [("", f"not a run directory: {RESOLVED_RECIPE} is missing")])
+    if not (root / CHECKPOINT_NAME).is_file():
+        raise CheckpointError(f"{root}: no {CHECKPOINT_NAME} yet (has the run saved a checkpoint?)")
+    recipe = load_recipe(root / RESOLVED_RECIPE)
+    dev = pick_device(device)
+    state = load_checkpoint(root / CHECKPOINT_NAME, dev)
+    model = build_model(recipe.model).to(dev)
+    weights = state["model"]
+    if ema and state.get("ema") is not None:
+        # AveragedModel keeps the averaged copy under "module." next to its step counter.
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    model.load_state_dict(weights)
+    model.eval()
+    return LoadedRun(recipe, model, int(state["step"]), dev, root)
+
+
+def evaluate_run(
+    run: LoadedRun,
+    *,
+    iw_samples: int | None = None,
+    images: int | None = None,
+    batch_size: int | None = None,
+    chunk: int | None = None,
+    sequential: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """IW NLL and NELBO on the recipe's evaluation split; the result is also written to eval.json."""
+    recipe = run.recipe
+    split = recipe.eval.split
+    dataset = build_dataset(
+        recipe.data, split=split, resolution=recipe.model.resolution, channels=recipe.model.input_channels
+    )
+    total = min(images, len(dataset)) if images else len(dataset)
+    binarize = needs_binarize(recipe.data)
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return prepare_batch(x, binarize=binarize, num_bits=recipe.model.output.num_x_bits)
+
+    k = iw_samples or recipe.eval.iw_samples
+    kwargs: dict[str, Any] = dict(
+        prepare=prepare,
+        iw_samples=k,
+        batch_size=batch_size or recipe.eval.batch_size,
+        chunk=chunk or recipe.eval.chunk,
+        images=images,
+        sequential=sequential,
+        device=run.device,
+    )
+    if progress:
+        from rich.progress import Progress
+
+        with Progress() as bar:
+            task = bar.add_task(f"IW-{k} evaluation ({split})", total=total)
+            result = evaluate(run.model, dataset, on_batch=lambda n: bar.advance(task, n), **kwargs)
+    else:
+        result = evaluate(run.model, dataset, **kwargs)
+    payload = {"step": run.step, "split": split, **result.to_dict()}
+    atomic_write_text(run.run_dir / f"eval_iw{k}_{result.images}.json", json.dumps(payload, indent=2))
+    return result
+
+
+@torch.no_grad()
+def readjust_batch_norm(model: NVAE, steps: int, temperature: float, batch: int = 16) -> None:
+    """Re-estimate BN running statistics on generated batches at this temperature, as the paper samples."""
+    model.train()
+    for _ in range(steps):
+        model.sample(batch, temperature)
+    model.eval()
+
+
+def sample_run(
+    run: LoadedRun,
+    *,
+    n: int,
+    temperature: float,
+    readjust_bn: int = 0,
+    out: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+) -> Path:
+    """Write an n-image PNG grid drawn at this temperature and return its path."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if readjust_bn:
+        readjust_batch_norm(run.model, readjust_bn, temperature)
+    images = run.model.sample(n, temperature, run.device)
+    path = Path(out) if out else run.run_dir / f"samples_t{temperature:g}_step{run.step}.png"
+    save_png(make_grid(images), path)
+    return path

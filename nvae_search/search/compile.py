@@ -1,0 +1,222 @@
+"""Compile a validated :class:`~nvae_search.spaces.Space` into Optuna objects.
+
+One define-by-run function serves both backends: ``study.optimize`` calls it directly, and Ray Tune's
+``OptunaSearch(space=fn)`` calls the variant that returns None, then hands the trial the flat parameters, which
+:func:`resolve_flat_params` turns back into recipe values. Optuna is imported inside the functions only, so this
+module imports without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..config_io import ConfigError
+from ..spaces import (
+    BranchSpec,
+    CategoricalSpec,
+    FixedSpec,
+    FloatSpec,
+    IntSpec,
+    PerScaleSpec,
+    Space,
+    grid_values,
+)
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "directions",
+    "enqueue_points",
+    "grid_search_space",
+    "make_define_by_run",
+    "make_pruner",
+    "make_ray_space_fn",
+    "make_sampler",
+    "resolve_flat_params",
+    "storage_for",
+]
+
+
+class _Suggester(Protocol):
+    """The part of an Optuna trial the tree needs; ``optuna.trial.BaseTrial`` and Ray's wrapper provide it."""
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float: ...
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+
+
+def _suggest(trial: _Suggester, name: str, spec: FloatSpec | IntSpec | CategoricalSpec) -> Any:
+    if isinstance(spec, FloatSpec):
+        return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+    if isinstance(spec, IntSpec):
+        return trial.suggest_int(name, spec.low, spec.high, step=spec.step, log=spec.log)
+    return trial.suggest_categorical(name, list(spec.choices))
+
+
+def _sample(trial: _Suggester, tree: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Suggest the tree in order, filling ``values`` with what goes into the recipe (branch labels excluded)."""
+    for path, spec in tree.items():
+        if isinstance(spec, FixedSpec):
+            values[path] = copy.deepcopy(spec.value)
+        elif isinstance(spec, BranchSpec):
+            label = trial.suggest_categorical(path, list(spec.choices))
+            _sample(trial, spec.choices[label], values)
+        elif isinstance(spec, PerScaleSpec):
+            count = spec.count if isinstance(spec.count, int) else values[spec.count]
+            values[path] = [_suggest(trial, f"{path}.{i}", spec.each) for i in range(count)]
+        else:
+            values[path] = _suggest(trial, path, spec)
+    return values
+
+
+def make_define_by_run(space: Space) -> Callable[[optuna.trial.BaseTrial], dict[str, Any]]:
+    """``fn(trial) -> {dotted recipe path: value}`` with fixed values and per-scale lists; pass it to
+    :func:`nvae_search.spaces.apply_params`. Works with ``FixedTrial`` too."""
+
+    def define_by_run(trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+        return _sample(trial, space.space, {})
+
+    return define_by_run
+
+
+def make_ray_space_fn(space: Space) -> Callable[[optuna.trial.BaseTrial], None]:
+    """The same suggestions for Ray's ``OptunaSearch(space=fn)``, which wants None or a dict of constants.
+
+    Ray then gives the trainable the flat parameters as its config; :func:`resolve_flat_params` rebuilds the
+    recipe values from them.
+    """
+
+    def ray_space(trial: optuna.trial.BaseTrial) -> None:
+        _sample(trial, space.space, {})
+
+    return ray_space
+
+
+class _FlatParams:
+    """Replays a flat ``{parameter name: value}`` dict (``trial.params``) through the suggest interface."""
+
+    def __init__(self, flat: Mapping[str, Any]) -> None:
+        self.flat = flat
+
+    def _get(self, name: str) -> Any:
+        if name not in self.flat:
+            raise ValueError(f"the flat parameters lack {name!r}, which this space samples")
+        return self.flat[name]
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
+        return self._get(name)
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        return self._get(name)
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        value = self._get(name)
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+        return value
+
+
+def resolve_flat_params(space: Space, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe values of a trial from its flat Optuna parameters (extra keys, e.g. Ray constants, are ignored)."""
+    return _sample(_FlatParams(flat), space.space, {})
+
+
+def enqueue_points(space: Space) -> list[dict[str, Any]]:
+    """``study.enqueue`` as flat dicts for ``study.enqueue_trial``; a per-scale list becomes ``<path>.<i>``."""
+    per_scale = {path for path, spec in _all_specs(space.space) if isinstance(spec, PerScaleSpec)}
+    points = []
+    for point in space.study.enqueue:
+        flat: dict[str, Any] = {}
+        for key, value in point.items():
+            if key in per_scale and isinstance(value, list):
+                flat.update({f"{key}.{i}": v for i, v in enumerate(value)})
+            else:
+                flat[key] = value
+        points.append(flat)
+    return points
+
+
+def _all_specs(tree: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for path, spec in tree.items():
+        out.append((path, spec))
+        if isinstance(spec, BranchSpec):
+            for sub in spec.choices.values():
+                out += _all_specs(sub)
+    return out
+
+
+def grid_search_space(space: Space) -> dict[str, list[Any]]:
+    """The ``GridSampler`` search space: every top-level parameter with its finite list of values."""
+    return grid_values(space)
+
+
+def directions(space: Space) -> list[str]:
+    return [objective.direction for objective in space.study.objectives]
+
+
+def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    cfg, seed = space.sampler, space.study.seed
+    if cfg.type == "tpe":
+        return optuna.samplers.TPESampler(
+            n_startup_trials=cfg.n_startup_trials, multivariate=cfg.multivariate, group=cfg.group, seed=seed
+        )
+    if cfg.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.type == "grid":
+        return optuna.samplers.GridSampler(grid_search_space(space), seed=seed)
+    if cfg.type == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
+    if importlib.util.find_spec("cmaes") is None:
+        raise ConfigError(
+            str(space.source or "<space>"),
+            [("sampler.type", "cmaes needs the optional 'cmaes' package (pip install cmaes), which is not installed")],
+        )
+    return optuna.samplers.CmaEsSampler(n_startup_trials=cfg.n_startup_trials, seed=seed)
+
+
+def make_pruner(space: Space) -> optuna.pruners.BasePruner:
+    import optuna
+
+    cfg = space.pruner
+    if cfg.type == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps
+        )
+    if cfg.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor
+        )
+    if cfg.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=cfg.min_resource, max_resource=cfg.max_resource, reduction_factor=cfg.reduction_factor
+        )
+    if cfg.type == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=cfg.lower, upper=cfg.upper, n_warmup_steps=cfg.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+def storage_for(space: Space, study_dir: Path) -> optuna.storages.BaseStorage | str:
+    """The study's storage: a journal file in ``study_dir`` by default, ``journal:PATH`` (relative to the space
+    file), or an Optuna storage URL passed through as is."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if space.storage is None or space.storage.startswith("journal:"):
+        path = study_dir / "study.journal" if space.storage is None else space.resolve_path(space.storage[8:].strip())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return space.storage

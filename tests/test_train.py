@@ -1,0 +1,225 @@
+"""Training, exact resume, divergence handling, evaluation and sampling on the tiny CPU recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from nvae_search.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nvae_search.objectives import balanced_kl, kl_balance_alpha, kl_coefficient, spectral_lambda
+from nvae_search.runs import evaluate_run, load_run, sample_run
+from nvae_search.schema import load_recipe
+from nvae_search.train import LRSchedule, RunDirError, TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
+QUIET = {"train.progress": False}
+
+
+def tiny(**overrides: Any) -> Any:
+    return load_recipe(TINY, overrides={**QUIET, **overrides})
+
+
+def read_metrics(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_run")
+    summary = train(tiny(**{"train.steps": 30, "train.ema_decay": 0.9}), out)
+    assert summary.status == "completed"
+    return out
+
+
+def test_run_directory_holds_every_artifact(tiny_run: Path) -> None:
+    for name in ("recipe.resolved.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (tiny_run / name).is_file(), name
+    assert list((tiny_run / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 30
+    assert summary["unit"] == "nats" and summary["params"] > 0
+    assert math.isfinite(summary["eval"]["nll"]) and summary["eval"]["nll"] <= summary["eval"]["nelbo"] + 1.0
+    assert len(summary["kl_per_group"]) == summary["num_groups"] == 3
+    assert load_recipe(tiny_run / "recipe.resolved.yaml").train.steps == 30
+
+
+def test_checkpoint_loads_weights_only_and_rejects_bad_files(tiny_run: Path, tmp_path: Path) -> None:
+    state = load_checkpoint(tiny_run / "checkpoint.pt")
+    assert state["step"] == 30 and "spectral" in state and "rng_cpu" in state and state["ema"] is not None
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tiny_run / "checkpoint.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or foreign"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not an nvae-search checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_existing_run_needs_resume(tiny_run: Path) -> None:
+    with pytest.raises(RunDirError, match="--resume"):
+        train(tiny(**{"train.steps": 30}), tiny_run)
+
+
+_CHILD = """
+import sys
+from nvae_search.schema import load_recipe
+from nvae_search.train import train
+overrides = {"train.steps": 24, "train.log_every": 1, "train.checkpoint_every_steps": 4,
+             "train.progress": False, "train.eval_at_end": False, "train.image_every_steps": 1000}
+train(load_recipe(sys.argv[1], overrides=overrides), sys.argv[2], resume=len(sys.argv) > 3)
+"""
+
+
+def _run_child(out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(TINY), str(out), *extra], env=env)
+
+
+def test_sigkill_then_resume_repeats_the_same_losses(tmp_path: Path) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _run_child(straight).wait(timeout=300) == 0
+    proc = _run_child(killed)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    assert _run_child(killed, "--resume").wait(timeout=300) == 0
+    expected, resumed = read_metrics(straight), read_metrics(killed)
+    assert sorted(resumed) == sorted(expected) == list(range(1, 25))
+    for step, loss in expected.items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-5), step
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cause"),
+    [({"train.learning_rate": 1e3}, "non-finite"), ({"train.learning_rate": 10.0}, "non-finite")],
+)
+def test_divergence_ends_the_run_with_step_and_cause(tmp_path: Path, overrides: dict[str, Any], cause: str) -> None:
+    recipe = tiny(**{"train.steps": 40, "train.warmup_epochs": 0, "train.eval_at_end": False, **overrides})
+    summary = train(recipe, tmp_path)
+    assert summary.status == "diverged" and cause in (summary.cause or "")
+    assert summary.diverged_step is not None and summary.diverged_step < 40
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == "diverged" and on_disk["diverged_step"] == summary.diverged_step
+
+
+def test_divergence_policies_raise_and_skip(tmp_path: Path) -> None:
+    base = {"train.steps": 40, "train.warmup_epochs": 0, "train.eval_at_end": False, "train.learning_rate": 1e3}
+    with pytest.raises(TrainingDiverged):
+        train(tiny(**base, **{"train.nonfinite": "raise"}), tmp_path / "raise")
+    summary = train(tiny(**base, **{"train.nonfinite": "skip", "train.max_skipped_steps": 3}), tmp_path / "skip")
+    assert summary.status == "diverged" and "consecutive" in (summary.cause or "")
+    assert summary.skipped_steps >= 3
+
+
+def test_reporter_can_stop_a_run(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def reporter(step: int, metrics: dict[str, float]) -> bool:
+        seen.append(step)
+        assert math.isfinite(metrics["nelbo"])
+        return step >= 20
+
+    summary = train(tiny(**{"train.steps": 60, "train.eval_at_end": False}), tmp_path, reporter=reporter)
+    assert summary.status == "stopped" and summary.cause == "pruned" and summary.steps == 20
+    assert seen[0] == 1 and seen[-1] == 20
+
+
+@pytest.mark.parametrize("numerics", [{"model.numerics.precision": "bf16"}, {"model.numerics.checkpointing": "cell"}])
+def test_mixed_precision_and_checkpointing_train(tmp_path: Path, numerics: dict[str, str]) -> None:
+    summary = train(tiny(**{"train.steps": 10, "train.eval_at_end": False, **numerics}), tmp_path)
+    assert summary.status == "completed" and math.isfinite(summary.train_nelbo or math.nan)
+
+
+def test_fp16_on_cpu_is_refused_clearly(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on CUDA")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        train(tiny(**{"model.numerics.precision": "fp16"}), tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a gradient scaler needs CUDA")
+def test_fp16_with_grad_scaler_on_cuda(tmp_path: Path) -> None:
+    summary = train(tiny(**{"train.steps": 10, "model.numerics.precision": "fp16"}), tmp_path, device="cuda")
+    assert summary.status == "completed"
+
+
+def test_batched_and_sequential_iw_agree(tiny_run: Path) -> None:
+    run = load_run(tiny_run)
+    torch.manual_seed(0)
+    batched = evaluate_run(run, iw_samples=40, images=32, chunk=20, progress=False)
+    torch.manual_seed(0)
+    sequential = evaluate_run(run, iw_samples=40, images=32, sequential=True, progress=False)
+    assert batched.images == sequential.images == 32
+    assert batched.nll == pytest.approx(sequential.nll, abs=3.0)  # Monte-Carlo error of IW-40 on 32 images
+    assert batched.nll <= batched.nelbo + 1e-6
+    assert list(tiny_run.glob("eval_iw40_32.json"))
+
+
+def test_sample_writes_a_png_and_readjusts_bn(tiny_run: Path, tmp_path: Path) -> None:
+    run = load_run(tiny_run)
+    before = [bn.running_mean.clone() for bn in run.model.batch_norms()]
+    path = sample_run(run, n=9, temperature=0.6, readjust_bn=3, out=tmp_path / "grid.png", seed=0)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    after = [bn.running_mean for bn in run.model.batch_norms()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not run.model.training
+
+
+def test_kl_schedule_and_balancing_follow_the_paper() -> None:
+    assert kl_coefficient(0, 1000, 0.3, 1e-4, 1e-4) == pytest.approx(1e-4)
+    assert kl_coefficient(150, 1000, 0.3, 0.0, 1e-4) == pytest.approx(0.5)
+    assert kl_coefficient(900, 1000, 0.3, 1e-4, 1e-4) == 1.0
+    alpha = kl_balance_alpha([5, 10], "square")  # decoder order: coarse scale (5 groups) first
+    assert alpha.min() == 1.0 and alpha[-1] / alpha[0] == pytest.approx((4 / 10) / (1 / 5))
+    kl = [torch.tensor([1.0, 3.0]), torch.tensor([10.0, 30.0])]
+    _, coeffs = balanced_kl(kl, 0.5, torch.ones(2))
+    assert coeffs.sum() == pytest.approx(2.0) and coeffs[1] > coeffs[0]
+    plain, ones = balanced_kl(kl, 1.0, torch.ones(2))
+    assert torch.allclose(plain, torch.tensor([11.0, 33.0])) and torch.equal(ones, torch.ones(2))
+    assert spectral_lambda(0.0, 1e-2, True, 1.0) == pytest.approx(1.0)
+    assert spectral_lambda(1.0, 1e-2, True, 1.0) == pytest.approx(1e-2)
+
+
+def test_lr_schedule_warms_up_per_step_and_decays_per_epoch() -> None:
+    schedule = LRSchedule(
+        1e-2, 1e-4, warmup_steps=100, total_steps=1000, iters_per_epoch=50, warmup_epochs=2, per="epoch"
+    )
+    assert schedule.factor(0) == 0 and schedule.factor(50) == pytest.approx(0.5)
+    assert schedule.factor(100) == pytest.approx(1.0) and schedule.factor(149) == pytest.approx(1.0)
+    assert schedule.factor(150) < 1.0 and schedule.factor(150) == schedule.factor(199)  # constant within an epoch
+    assert schedule.factor(999) * 1e-2 == pytest.approx(1e-4)
+
+
+def test_atomic_checkpoint_never_leaves_a_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "checkpoint.pt"
+    save_checkpoint(target, {"step": 1})
+
+    def explode(*_: Any, **__: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", explode)
+    with pytest.raises(OSError):
+        save_checkpoint(target, {"step": 2})
+    assert load_checkpoint(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
