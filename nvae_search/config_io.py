@@ -88,29 +88,37 @@ def pydantic_problems(errors: Iterable[dict[str, Any]]) -> list[tuple[str, str]]
     """Turn pydantic's error list into ``(dotted path, reason)`` pairs without union noise."""
     problems: list[tuple[str, str]] = []
     for err in errors:
-        loc = [str(part) for part in err.get("loc", ()) if not _is_union_tag(part)]
+        loc = _clean_location(err.get("loc", ()))
         msg = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
             msg = "unknown key (not part of the schema)"
-        msg = msg.removeprefix("Value error, ")
-        problems.append((".".join(loc), msg))
-    # Discriminated unions report one error per branch; keep the first per path.
-    seen: set[str] = set()
-    unique = []
-    for path, msg in problems:
-        if (path, msg) not in seen:
-            seen.add(path + msg)
-            unique.append((path, msg))
-    return unique
+        problems.append((".".join(loc), msg.removeprefix("Value error, ")))
+    unique = list(dict.fromkeys(problems))
+    # A list that fails because one item failed also reports "too short"; keep the specific error only.
+    return [
+        (path, msg)
+        for path, msg in unique
+        if not (msg.startswith("Tuple should have at least") and any(p.startswith(path + ".") for p, _ in unique))
+    ]
+
+
+_OP_TAGS = {"res_bnswish", "res_bnswish5", "res_elu", "res_bnelu", "mbconv"}
+
+
+def _clean_location(loc: Sequence[Any]) -> list[str]:
+    """Drop the branch names pydantic inserts into locations (union members, discriminator tags)."""
+    parts = [str(part) for part in loc if not _is_union_tag(part)]
+    # A discriminated op reports `cells.normal_enc.0.res_bnswish.kernel`; the tag is not part of the file's path.
+    return [p for i, p in enumerate(parts) if not (p in _OP_TAGS and i > 0 and parts[i - 1].isdigit())]
 
 
 def _is_union_tag(part: Any) -> bool:
-    # pydantic inserts branch names such as "function-after[...]" or the tag value into locations.
     text = str(part)
     return text.startswith(("function-", "tagged-union[", "union[", "json-or-python[")) or text in {
         "str",
         "int",
         "list[int]",
+        "tuple[int, ...]",
     }
 
 

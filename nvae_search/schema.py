@@ -255,7 +255,7 @@ class ModelConfig(_Strict):
             return data
         preset = data.get("preset", "res_mbconv")
         if preset not in ARCH_PRESETS:
-            return data  # the Literal check reports it
+            preset = "res_mbconv"  # the Literal check reports the bad name; fill the roles so it is the only error
         cells = data.get("cells") or {}
         if not isinstance(cells, dict):
             return data
