@@ -746,6 +746,64 @@ def report(
         fail_config(err)
 
 
+# ---------------------------------------------------------------------------------------- benchmarks
+bench_app = typer.Typer(help="Benchmarks whose figures the README reports.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("step")
+def bench_step(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    batch: Annotated[int, typer.Option("--batch", min=1)] = 8,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps after one warm-up step.")] = 5,
+    threads: Annotated[int, typer.Option("--threads", min=1)] = 2,
+    sets: SetOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Median and best time of full training steps (forward, SR + BN terms, backward, Adamax) on real data."""
+    from .bench import bench_train_step
+
+    result = bench_train_step(load_or_fail(recipe, sets), batch=batch, steps=steps, threads=threads)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    _console().print(
+        f"{result.recipe}: {result.params:,} params, batch {batch}, {threads} threads: "
+        f"median {result.median_s:.3f} s, best {result.best_s:.3f} s over {steps} steps "
+        f"({', '.join(f'{t:.3f}' for t in result.times_s)})"
+    )
+    busy = cpu_contention(threads)
+    if busy:
+        _console().print(f"[yellow]warning:[/] {busy}")
+
+
+@bench_app.command("eval")
+def bench_eval_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `train`.", show_default=False)],
+    images: Annotated[int, typer.Option("--images", min=1)] = 100,
+    iw_samples: Annotated[int, typer.Option("--iw-samples", min=1)] = 1000,
+    chunk: Annotated[int, typer.Option("--chunk", min=1)] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 10,
+    threads: Annotated[int, typer.Option("--threads", min=1)] = 2,
+    json_output: JsonOption = False,
+) -> None:
+    """IW evaluation batched over K versus K sequential passes: time, image-passes per second, both estimates."""
+    from .bench import bench_eval
+
+    result = bench_eval(
+        run_dir, images=images, iw_samples=iw_samples, chunk=chunk, batch_size=batch_size, threads=threads
+    )
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    _console().print(
+        f"IW-{iw_samples} on {images} images: batched {result.batched_s:.1f} s "
+        f"({result.batched_image_passes_per_s:.0f} image-passes/s, NLL {result.batched_nll:.3f}); "
+        f"sequential {result.sequential_s:.1f} s ({result.sequential_image_passes_per_s:.0f}/s, "
+        f"NLL {result.sequential_nll:.3f}); speed-up {result.speedup:.2f}x"
+    )
+
+
 def main() -> None:
     """Entry point of the ``nvae-search`` console script."""
     app(prog_name="nvae-search")

@@ -67,7 +67,11 @@ def spectral_lambda(beta: float, coeff: float, anneal: bool, init: float) -> flo
 
 
 def _used_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight the layer applied in this step's forward pass (taken once), else recomputed."""
     if isinstance(layer, (Conv2D, ARConv2d)):
+        cached, layer.weight_cache = layer.weight_cache, None
+        if cached is not None and cached[1] == layer.weight._version:  # not updated since that forward
+            return cached[0]
         return layer.normalized_weight()
     assert isinstance(layer, nn.Conv2d)
     return layer.weight

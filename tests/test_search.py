@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 import yaml
 
 from nvae_search.search.runner import load_study, run_optuna_search
@@ -39,7 +38,9 @@ def write_space(tmp_path: Path, name: str, space: dict, n_trials: int, steps: in
 
 def test_three_trial_search_records_outcomes(tmp_path: Path) -> None:
     space = load_space(
-        write_space(tmp_path, "three", {"train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, 3)
+        write_space(
+            tmp_path, "three", {"train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, 3
+        )
     )
     study_dir = run_optuna_search(space, root=tmp_path / "runs")
     assert study_dir == tmp_path / "runs" / "three"
@@ -50,9 +51,10 @@ def test_three_trial_search_records_outcomes(tmp_path: Path) -> None:
     for trial in trials:
         assert trial.user_attrs["status"] == "completed" and trial.value == trial.user_attrs["eval_nelbo"]
         run_dir = Path(trial.user_attrs["run_dir"])
-        assert json.loads((run_dir / "params.json").read_text())["train.learning_rate"] == trial.params[
-            "train.learning_rate"
-        ]
+        assert (
+            json.loads((run_dir / "params.json").read_text())["train.learning_rate"]
+            == trial.params["train.learning_rate"]
+        )
         for name in ("recipe.resolved.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"):
             assert (run_dir / name).is_file()
     assert (study_dir / "space.yaml").is_file()

@@ -66,6 +66,8 @@ class ARConv2d(nn.Conv2d):
         )
         init = (self.weight.detach() * self.mask).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         self.log_weight_norm = nn.Parameter(torch.log(weight_init_coeff * init + 1e-2))
+        self.cache_weight = True
+        self.weight_cache: tuple[torch.Tensor, int] | None = None
 
     def normalized_weight(self) -> torch.Tensor:
         masked = self.weight * self.mask
@@ -73,7 +75,10 @@ class ARConv2d(nn.Conv2d):
         return torch.exp(self.log_weight_norm) * masked / (norm + WN_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight = self.normalized_weight()
+        if self.cache_weight and self.training and torch.is_grad_enabled():
+            self.weight_cache = (weight, self.weight._version)  # reused by the spectral regulariser
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class ARCell(nn.Module):

@@ -175,6 +175,9 @@ class NVAE(nn.Module):
         for module in self.modules():
             if isinstance(module, Cell):
                 module.checkpointing = enabled
+                for conv in module.modules():
+                    if isinstance(conv, Conv2D):
+                        conv.cache_weight = not enabled  # a cached weight would pin the checkpointed graph
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Bottom-up pass. Returns the top feature and the features stored for each combiner, top first."""

@@ -98,6 +98,10 @@ class Conv2D(nn.Conv2d):
             self.log_weight_norm = nn.Parameter(torch.log(init + 1e-2))
         # A buffer, so that a checkpoint remembers whether the init already happened.
         self.register_buffer("needs_data_init", torch.tensor(bool(data_init)), persistent=True)
+        # The spectral regulariser reuses the weight of this step's forward pass (as the official code does)
+        # instead of normalising every weight a second time; off inside checkpointed cells.
+        self.cache_weight = True
+        self.weight_cache: tuple[torch.Tensor, int] | None = None
 
     def normalized_weight(self) -> torch.Tensor:
         if not self.weight_norm:
@@ -108,7 +112,10 @@ class Conv2D(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and bool(self.needs_data_init):
             self._data_dependent_init(x)
-        return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight = self.normalized_weight()
+        if self.cache_weight and self.training and torch.is_grad_enabled():
+            self.weight_cache = (weight, self.weight._version)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     @torch.no_grad()
     def _data_dependent_init(self, x: torch.Tensor) -> None:
