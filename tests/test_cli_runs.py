@@ -1,0 +1,139 @@
+"""The run commands as a user types them: train, eval, sample, search, report, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from nvae_search.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "cpu" / "tiny.yaml")
+FAST = [
+    "--set",
+    "train.steps=8",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "train.eval_images=16",
+    "--set",
+    "train.eval_iw_samples=2",
+]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = runner.invoke(app, ["train", TINY, "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    assert "completed" in result.output and "IW-2 NLL" in result.output
+    return out
+
+
+def test_train_writes_a_run_and_refuses_to_overwrite_it(run_dir: Path) -> None:
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    again = runner.invoke(app, ["train", TINY, "--out", str(run_dir), *FAST])
+    assert again.exit_code == 2 and "--resume" in again.output and "Traceback" not in again.output
+    resumed = runner.invoke(app, ["train", TINY, "--out", str(run_dir), "--resume", *FAST])
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_train_reports_divergence_with_exit_code_3(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            TINY,
+            "--out",
+            str(tmp_path / "d"),
+            *FAST,
+            "--set",
+            "train.learning_rate=1000.0",
+            "--set",
+            "train.warmup_epochs=0",
+        ],
+    )
+    assert result.exit_code == 3 and "diverged" in result.output
+
+
+def test_eval_json_and_sample_png(run_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["eval", str(run_dir), "--iw-samples", "3", "--images", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["iw_samples"] == 3 and payload["images"] == 8 and payload["unit"] == "nats"
+    png = tmp_path / "s.png"
+    result = runner.invoke(
+        app, ["sample", str(run_dir), "--n", "4", "-t", "0.8", "--readjust-bn", "2", "--out", str(png)]
+    )
+    assert result.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "nowhere", lambda p: p])
+def test_eval_of_a_non_run_directory_is_a_clean_error(tmp_path: Path, make: object) -> None:
+    result = runner.invoke(app, ["eval", str(make(tmp_path))])  # type: ignore[operator]
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_eval_of_a_truncated_checkpoint_is_a_clean_error(run_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "recipe.resolved.yaml").write_text((run_dir / "recipe.resolved.yaml").read_text())
+    (broken / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:1000])
+    result = runner.invoke(app, ["eval", str(broken)])
+    assert result.exit_code == 2 and "truncated or foreign" in result.output
+
+
+def test_missing_dataset_is_a_clean_error(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            TINY,
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "data.dataset=idx",
+            "--set",
+            f"data.root={tmp_path / 'no-data'}",
+        ],
+    )
+    assert result.exit_code == 2 and "no-data" in result.output and "Traceback" not in result.output
+
+
+def test_search_then_report(tmp_path: Path) -> None:
+    space = {
+        "base_recipe": TINY,
+        "study": {"name": "cli", "n_trials": 2, "seed": 0},
+        "budget": {"steps": 6, "eval_iw_samples": 2, "eval_images": 16, "report_every_steps": 3},
+        "sampler": {"type": "random"},
+        "pruner": {"type": "none"},
+        "space": {"model.use_se": {"type": "categorical", "choices": [True, False]}},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    result = runner.invoke(app, ["search", str(path), "--root", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    study_dir = tmp_path / "runs" / "cli"
+    assert result.output.strip().splitlines()[-1] == str(study_dir)
+    result = runner.invoke(app, ["report", str(study_dir), "--no-repeats"])
+    assert result.exit_code == 0, result.output
+    assert (study_dir / "report" / "leaderboard.csv").is_file() and (study_dir / "report" / "history.png").is_file()
+
+
+def test_bad_space_file_is_a_clean_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("base_recipe: nope.yaml\nstudy: {name: x, n_trials: 1}\nbudget: {steps: 1}\nspace: {}\n")
+    result = runner.invoke(app, ["search", str(path)])
+    assert result.exit_code == 2 and "bad.yaml" in result.output and "Traceback" not in result.output
+
+
+def test_bench_step_json() -> None:
+    result = runner.invoke(app, ["bench", "step", TINY, "--batch", "4", "--steps", "2", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["params"] == 27998 and len(payload["times_s"]) == 2 and payload["median_s"] > 0
