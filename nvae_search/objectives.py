@@ -53,7 +53,7 @@ def balanced_kl(
     kl = torch.stack(kl_groups, dim=1)  # (B, G)
     if alpha is None or beta >= 1.0:
         return beta * kl.sum(dim=1), torch.ones(kl.shape[1], device=kl.device)
-    kappa = kl.detach().mean(dim=0).abs() + 0.01
+    kappa = kl.detach().abs().mean(dim=0) + 0.01  # mean of |KL|: one-sample KLs (flows) can be negative
     weights = kappa / alpha.to(kl.device)
     coeffs = weights * kl.shape[1] / weights.sum()
     return beta * (kl * coeffs).sum(dim=1), coeffs

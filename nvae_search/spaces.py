@@ -285,7 +285,7 @@ BranchSpec.model_rebuild()
 class Objective(_Strict):
     metric: Metric = Field(
         description="nll: importance-weighted NLL at the end of the trial; nelbo: evaluation NELBO; train_nelbo; "
-        "params: parameter count; step_time: seconds per step; peak_memory: bytes."
+        "params: parameter count; step_time: seconds per step; peak_memory: MiB (CUDA allocations, else peak RSS)."
     )
     direction: Literal["minimize", "maximize"] = "minimize"
 

@@ -195,6 +195,9 @@ def test_kl_schedule_and_balancing_follow_the_paper() -> None:
     kl = [torch.tensor([1.0, 3.0]), torch.tensor([10.0, 30.0])]
     _, coeffs = balanced_kl(kl, 0.5, torch.ones(2))
     assert coeffs.sum() == pytest.approx(2.0) and coeffs[1] > coeffs[0]
+    # κ is the batch mean of |KL| (one-sample KL estimates of flows can be negative), not |mean KL|.
+    _, signed = balanced_kl([torch.tensor([-2.0, 2.0]), torch.tensor([1.0, 1.0])], 0.5, torch.ones(2))
+    assert signed[0] / signed[1] == pytest.approx(2.01 / 1.01)
     plain, ones = balanced_kl(kl, 1.0, torch.ones(2))
     assert torch.allclose(plain, torch.tensor([11.0, 33.0])) and torch.equal(ones, torch.ones(2))
     assert spectral_lambda(0.0, 1e-2, True, 1.0) == pytest.approx(1.0)
