@@ -452,7 +452,9 @@ class RayResources(_Strict):
 
 class AshaConfig(_Strict):
     type: Literal["asha"]
-    grace_period: int = Field(1, ge=1, description="Reports a trial makes before it may be stopped.")
+    grace_period: int = Field(
+        2, ge=1, description="Reports a trial makes before it may be stopped (the first report is at step 1)."
+    )
     reduction_factor: int = Field(3, ge=2)
 
 

@@ -50,6 +50,7 @@ Reporter = Callable[[int, dict[str, float]], bool]
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 DEFAULT_EPOCHS = 200
 STEP_TIME_PROBE = 5  # steps timed to turn a wall-clock-only budget into a step count
+MIN_GRAD_SCALE = 2.0**-20
 
 
 class TrainingDiverged(FloatingPointError):
@@ -220,6 +221,10 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.stop = _StopFlag()
         self.writer: Any = None
+        if self.world > 1:
+            # Same initial weights and power-iteration vectors on every rank (built above from one seed), but
+            # each rank draws its own latent and binarisation noise from here on.
+            torch.manual_seed(self.cfg.seed + self.rank)
 
     # ------------------------------------------------------------------------------------- setup
     def _wrap_distributed(self, model: NVAE) -> nn.Module:
@@ -375,7 +380,7 @@ class Trainer:
         """One optimizer step. Returns (divergence cause or None, info for logging or None if skipped)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, info = self.compute_loss(x)
-        loss_value = float(loss.detach())
+        loss_value = float(self._global_mean(loss.detach()))  # the same on every rank: no rank skips alone
         if not math.isfinite(loss_value):
             return self._nonfinite("loss"), None
         self.scaler.scale(loss).backward()
@@ -394,6 +399,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.scaler.step(self.optimizer)  # with fp16, skips the update when the scaled gradients overflowed
         self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < MIN_GRAD_SCALE:
+            # The scaler halves its scale at every overflow: this low, the gradients overflow at any scale.
+            return "persistent fp16 gradient overflow (scale collapsed)", None
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -402,17 +410,26 @@ class Trainer:
         return None, info
 
     # ------------------------------------------------------------------------------------ logging
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over the ranks of a per-rank batch mean (equal slices, so the mean over the global batch)."""
+        if self.world == 1:
+            return value
+        value = value.detach().float().clone()
+        dist.all_reduce(value)
+        return value / self.world
+
     def _metrics(self, info: dict[str, Any]) -> dict[str, Any]:
-        kl = [float(k) for k in info["kl"]]
+        # Called at the same steps on every rank, so the all-reduce lines up; the logged figures are global-batch.
+        packed = self._global_mean(torch.stack([info["nelbo"], info["recon"], *info["kl"]]).float()).tolist()
+        nelbo, recon, kl = packed[0], packed[1], packed[2:]
         units = active_units(info["kl_per_channel"])
-        nelbo = float(info["nelbo"])
         return {
             "step": self.step,
             "epoch": self.step / self.iters_per_epoch,
             "loss": info["loss"],
             "nelbo": to_unit(nelbo, self.unit, self.dims),
             "nelbo_nats": nelbo,
-            "recon": float(info["recon"]),
+            "recon": recon,
             "kl": sum(kl),
             "beta": info["beta"],
             "lambda": info["lambda"],
@@ -480,6 +497,10 @@ class Trainer:
         restore_signals = self.stop.install()
         try:
             status, cause, diverged_step = self._loop()
+        except BaseException:
+            if self.writer is not None:
+                self.writer.close()
+            raise
         finally:
             restore_signals()
         return self._finish(status, cause, diverged_step)

@@ -123,13 +123,16 @@ class Conv2D(nn.Conv2d):
         """Scale (and shift) the first batch's outputs to zero mean and std 1/5, as the official ELU cells do."""
         weight = self.weight / (self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + WN_EPS)
         out = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-        mean = out.mean(dim=(0, 2, 3))
-        std = 5 * out.std(dim=(0, 2, 3))
+        # Statistics over the global batch (sums all-reduced across data-parallel ranks), so that a DDP run
+        # initialises exactly like one process with the whole batch. (The official code averages per-GPU stds.)
+        flat = out.transpose(0, 1).flatten(1).double()
+        stats = torch.stack([flat.sum(dim=1), (flat * flat).sum(dim=1), torch.full_like(flat[:, 0], flat.shape[1])])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            for t in (mean, std):
-                torch.distributed.all_reduce(t)
-                t /= world
+            torch.distributed.all_reduce(stats)
+        total, squares, count = stats
+        mean = total / count
+        std = 5 * torch.sqrt(((squares - count * mean * mean) / (count - 1)).clamp(min=0))
+        mean, std = mean.to(out.dtype), std.to(out.dtype)
         if self.bias is not None:
             self.bias.copy_(-mean / (std + WN_EPS))
         if self.weight_norm:

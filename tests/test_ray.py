@@ -1,0 +1,271 @@
+"""The Ray Tune backend: outcomes in the shared Optuna storage, a lost worker node, a killed driver.
+
+Ray's fixed costs (≈7 s to import and start, seconds per trial) are kept out of the other tests: this module
+shares one local Ray instance (``ray_session``), and the two tests that need their own Ray (a two-node cluster,
+a driver killed with SIGKILL) run it in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from nvae_search.search.ray_backend import ATTEMPTS_LOG, reports_per_trial, run_ray_search
+from nvae_search.search.runner import finished_trials, load_study
+from nvae_search.spaces import load_space
+
+pytest.importorskip("ray.tune", reason="the Ray backend needs the optional extra: pip install 'nvae-search[ray]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
+State = optuna.trial.TrialState
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the session (``ray.init`` costs ≈5 s here, plus ≈2 s of imports)."""
+    import ray
+
+    from nvae_search.search.ray_backend import _export_package_path
+
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a local test instance: no token, no warning
+    _export_package_path()  # the workers import nvae_search from this checkout
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = previous
+
+
+def write_space(
+    tmp_path: Path, name: str, space: dict, n_trials: int, *, steps: int, every: int, ray: dict, **extra: Any
+) -> Path:
+    doc = {
+        "base_recipe": str(TINY),
+        "study": {"name": name, "n_trials": n_trials, "seed": 0, **extra.pop("study", {})},
+        "budget": {"steps": steps, "eval_iw_samples": 2, "eval_images": 32, "report_every_steps": every},
+        "sampler": {"type": "random"},
+        "pruner": {"type": "none"},
+        "space": space,
+        "ray": ray,
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    return env
+
+
+def no_nan(trial: optuna.trial.FrozenTrial) -> bool:
+    numbers = [*(trial.values or []), *trial.intermediate_values.values()]
+    return all(math.isfinite(v) for v in numbers)
+
+
+def test_reports_per_trial_counts_step_one_and_the_final_result(tmp_path: Path) -> None:
+    space = load_space(
+        write_space(
+            tmp_path, "count", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=12, every=4, ray={}
+        )
+    )
+    assert reports_per_trial(space) == 5  # steps 1, 4, 8, 12, then the final result
+    assert space.ray.scheduler.type == "asha"
+
+
+# ----------------------------------------------------------------------------------------- local Ray
+def test_local_search_tells_optuna_complete_pruned_and_diverged(ray_session: None, tmp_path: Path) -> None:
+    """One trial per outcome, in this order (warm-start queue, one at a time, so ASHA's decision is certain):
+    lr 1e-2 completes; lr 1e-4 equals it at step 1, then lags at ASHA's second rung and is stopped (PRUNED, not
+    COMPLETE); lr 1e3 diverges (FAIL with status diverged, not a NaN value and not left RUNNING); lr 1e-5 is
+    below the recipe's learning_rate_min, an invalid combination (PRUNED with status invalid, as in Optuna)."""
+    lrs = [1.0e-2, 1.0e-4, 1.0e3, 1.0e-5]
+    path = write_space(
+        tmp_path,
+        "local",
+        {"train.learning_rate": {"type": "categorical", "choices": lrs}},
+        4,
+        steps=12,
+        every=4,
+        ray={"max_concurrent": 1, "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
+        study={"enqueue": [{"train.learning_rate": lr} for lr in lrs]},
+    )
+    study_dir = run_ray_search(load_space(path), root=tmp_path / "runs")
+    assert study_dir == (tmp_path / "runs" / "local").resolve()
+    study, _, info = load_study(study_dir)
+    assert info["backend"] == "ray" and info["storage"].startswith("journal:")
+    assert len(study.trials) == 4 and not study.get_trials(states=(State.RUNNING,))
+    by_lr = {t.params["train.learning_rate"]: t for t in study.trials}
+    assert all(no_nan(t) for t in study.trials)
+
+    done = by_lr[1.0e-2]
+    assert done.state == State.COMPLETE and done.user_attrs["status"] == "completed"
+    assert done.value == done.user_attrs["eval_nelbo"] and done.user_attrs["steps"] == 12
+    assert done.user_attrs["train_s"] > 0 and done.user_attrs["trial_s"] >= done.user_attrs["train_s"]
+    assert sorted(done.intermediate_values) == [1, 4, 8, 12]
+    run_dir = Path(done.user_attrs["run_dir"])
+    assert run_dir.parent == study_dir / "trials" and run_dir.name.startswith("ray_")
+    for name in ("params.json", "summary.json", "metrics.jsonl", "checkpoint.pt", ATTEMPTS_LOG):
+        assert (run_dir / name).is_file(), name
+
+    pruned = by_lr[1.0e-4]
+    assert pruned.state == State.PRUNED and pruned.user_attrs["status"] == "pruned"
+    assert pruned.user_attrs["steps"] < 12 and pruned.value == pruned.intermediate_values[pruned.user_attrs["steps"]]
+    assert pruned.value > done.intermediate_values[pruned.user_attrs["steps"]]
+    # The trial stopped gracefully at ASHA's word: its run directory is complete up to there.
+    summary = json.loads((Path(pruned.user_attrs["run_dir"]) / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["steps"] >= pruned.user_attrs["steps"]
+
+    diverged = by_lr[1.0e3]
+    assert diverged.state == State.FAIL and diverged.values is None
+    assert diverged.user_attrs["status"] == "diverged" and "non-finite" in diverged.user_attrs["cause"]
+    assert diverged.user_attrs["diverged_step"] >= 1
+
+    invalid = by_lr[1.0e-5]
+    assert invalid.state == State.PRUNED and invalid.user_attrs["status"] == "invalid"
+    assert "learning_rate_min" in invalid.user_attrs["cause"]
+
+    # Running the same command again finds the study complete: nothing is re-run or counted twice.
+    run_ray_search(load_space(path), root=tmp_path / "runs")
+    assert len(load_study(study_dir)[0].trials) == 4
+
+
+def test_a_data_parallel_trial_trains_with_two_ddp_workers(ray_session: None, tmp_path: Path) -> None:
+    import multiprocessing
+
+    path = write_space(
+        tmp_path,
+        "ddp",
+        {"train.learning_rate": {"type": "fixed", "value": 1.0e-2}},
+        1,
+        steps=8,
+        every=4,
+        ray={"max_concurrent": 1, "workers_per_trial": 2, "scheduler": {"type": "none"}},
+    )
+    study = load_study(run_ray_search(load_space(path), root=tmp_path / "runs"))[0]
+    (trial,) = study.trials
+    assert trial.state == State.COMPLETE and trial.user_attrs["status"] == "completed"
+    assert sorted(trial.intermediate_values) == [1, 4, 8] and no_nan(trial)
+    run_dir = Path(trial.user_attrs["run_dir"])
+    assert (
+        json.loads((run_dir / "recipe.resolved.yaml").exists() and (run_dir / "summary.json").read_text())["steps"] == 8
+    )
+    assert not multiprocessing.active_children()
+
+
+# --------------------------------------------------------------------------------- two-node cluster
+def test_losing_a_worker_node_mid_trial_resumes_the_trial_elsewhere(tmp_path: Path) -> None:
+    path = write_space(
+        tmp_path,
+        "cluster",
+        {"train.learning_rate": {"type": "float", "low": 5.0e-3, "high": 1.0e-2}},
+        2,
+        steps=20,
+        every=2,
+        ray={"max_concurrent": 2, "max_failures": 1, "scheduler": {"type": "none"}},
+    )
+    out = tmp_path / "cluster.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ray_cluster_script.py"), str(path), str(tmp_path / "runs"), str(out)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["removed"], "the worker node was never removed mid-trial"
+    states = {t["state"] for t in report["trials"]}
+    assert len(report["trials"]) == 2 and "RUNNING" not in states
+    for trial in report["trials"]:
+        # Completed, or honestly failed with a status: nothing is left RUNNING or silently lost.
+        assert trial["state"] in ("COMPLETE", "FAIL") and trial["status"] in ("completed", "error", "diverged")
+    victim = report["attempts"][report["victim"]]
+    assert victim[0]["node_id"] == report["worker_node_id"]
+    if len(victim) > 1:  # restarted elsewhere, from the checkpoint it had handed Ray
+        assert victim[-1]["node_id"] != report["worker_node_id"] and victim[-1]["resumed_after_step"] >= 2
+        assert next(t for t in report["trials"] if t["run_dir"].endswith(report["victim"]))["state"] == "COMPLETE"
+
+
+# ------------------------------------------------------------------------------------ killed driver
+DRIVER = (
+    "import sys; sys.path.insert(0, {root!r});"
+    "from nvae_search.spaces import load_space;"
+    "from nvae_search.search.ray_backend import run_ray_search;"
+    "run_ray_search(load_space({space!r}), root={runs!r})"
+)
+
+
+def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: Path) -> None:
+    path = write_space(
+        tmp_path,
+        "killed",
+        {"train.learning_rate": {"type": "float", "low": 5.0e-3, "high": 1.0e-2}},
+        3,
+        steps=16,
+        every=2,
+        ray={"max_concurrent": 2, "scheduler": {"type": "none"}},
+    )
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-c", DRIVER.format(root=str(ROOT), space=str(path), runs=str(runs))]
+    trials_dir = runs / "killed" / "trials"
+    first = subprocess.Popen(
+        command, env=subprocess_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and first.poll() is None:
+            steps = [_last_step(d) for d in trials_dir.glob("ray_*")]
+            if steps and max(steps) >= 6:  # the first trial has reported, with a checkpoint
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, "the search ended before it could be killed"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    killed_dirs = {d.name for d in trials_dir.glob("ray_*")}
+
+    second = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    study = load_study(runs / "killed")[0]
+    assert finished_trials(study) == 3 and not study.get_trials(states=(State.RUNNING,))
+    counted = [t for t in study.trials if not t.user_attrs.get("interrupted")]
+    assert all(t.state == State.COMPLETE and t.user_attrs["status"] == "completed" for t in counted)
+    run_dirs = sorted(t.user_attrs["run_dir"] for t in counted)
+    assert len(set(run_dirs)) == 3 and sorted(str(d) for d in trials_dir.glob("ray_*")) == run_dirs
+    assert killed_dirs <= {Path(d).name for d in run_dirs}, "the restored experiment kept its trials"
+    resumed = [
+        json.loads(line)["resumed_after_step"]
+        for d in trials_dir.glob("ray_*")
+        for line in (d / ATTEMPTS_LOG).read_text().splitlines()[1:]
+    ]
+    assert any(step and step >= 2 for step in resumed), "no trial continued from its checkpoint"
+
+
+def _last_step(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    try:
+        return json.loads(lines[-1])["step"] if lines else 0
+    except ValueError:  # a line being written
+        return 0
