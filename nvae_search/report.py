@@ -751,6 +751,21 @@ def _wide_range(values: Iterable[float]) -> bool:
     return bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 30
 
 
+def _plot_outcomes(ax: Any, xs: list[Any], ys: list[float], diverged_xs: list[Any]) -> None:
+    """Completed trials as points, diverged/failed ones as red marks in the top band."""
+    if xs:
+        ax.scatter(xs, ys, color=COLOURS["completed"], s=26, alpha=0.8, zorder=3, label="completed")
+    _edge_marks(
+        ax,
+        diverged_xs,
+        marker="x",
+        color=COLOURS["diverged"],
+        s=40,
+        linewidths=1.8,
+        label="diverged / failed (top band)",
+    )
+
+
 def _edge_marks(ax: Axes, xs: Sequence[float], **style: Any) -> None:
     """Markers in a band along the top edge of the axes (kept free of data), at data x positions."""
     if not xs:
@@ -1041,24 +1056,11 @@ def _plot_params(
             def jitter(n: int) -> Any:
                 return rng.uniform(-0.18, 0.18, n)
 
-            if done:
-                top.scatter(
-                    np.array([at(p) for p, _v in done]) + jitter(len(done)),
-                    [v for _p, v in done],
-                    color=COLOURS["completed"],
-                    s=26,
-                    alpha=0.8,
-                    zorder=3,
-                    label="completed",
-                )
-            _edge_marks(
+            _plot_outcomes(
                 top,
+                list(np.array([at(p) for p, _v in done]) + jitter(len(done))),
+                [v for _p, v in done],
                 list(np.array([at(p) for p in diverged]) + jitter(len(diverged))),
-                marker="x",
-                color=COLOURS["diverged"],
-                s=40,
-                linewidths=1.8,
-                label="diverged / failed (top band)",
             )
             for c in choices:
                 _tally([r for r in have if at(r.params[name]) == at(c)], rates, counts)
@@ -1072,25 +1074,7 @@ def _plot_params(
             )
             bottom.set_xlim(-0.6, len(choices) - 0.4)
         else:
-            if done:
-                top.scatter(
-                    [p for p, _v in done],
-                    [v for _p, v in done],
-                    color=COLOURS["completed"],
-                    s=26,
-                    alpha=0.8,
-                    zorder=3,
-                    label="completed",
-                )
-            _edge_marks(
-                top,
-                diverged,
-                marker="x",
-                color=COLOURS["diverged"],
-                s=40,
-                linewidths=1.8,
-                label="diverged / failed (top band)",
-            )
+            _plot_outcomes(top, [p for p, _v in done], [v for _p, v in done], diverged)
             numeric = [float(r.params[name]) for r in have]
             if log:
                 bottom.set_xscale("log")

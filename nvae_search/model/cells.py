@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -14,8 +15,7 @@ RESIDUAL_SCALE = 0.1
 
 
 def _recompute_context() -> tuple[object, object]:
-    import contextlib
-
+    """Checkpoint contexts: nothing special in the forward pass; BN leaves its statistics alone in the recompute."""
     return contextlib.nullcontext(), recomputing()
 
 
