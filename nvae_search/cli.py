@@ -806,4 +806,7 @@ def bench_eval_command(
 
 def main() -> None:
     """Entry point of the ``nvae-search`` console script."""
+    from .runtime import tune_allocator
+
+    tune_allocator()
     app(prog_name="nvae-search")

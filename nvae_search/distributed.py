@@ -98,8 +98,10 @@ def _worker(
     import torch
     import torch.distributed as dist
 
+    from .runtime import tune_allocator
     from .train import train
 
+    tune_allocator()
     torch.set_num_threads(threads)
     if worker_init is not None:
         worker_init(rank)

@@ -40,23 +40,24 @@ def to_unit(nats: float, unit: str, dims: int) -> float:
     return nats if unit == "nats" else nats / (math.log(2) * dims)
 
 
-def _log_weights(model: NVAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """One pass: log w = −R − log q + log p, the NELBO (β = 1, no balancing) and per-channel KLs."""
-    result = model(x)
-    recon = model.reconstruction_loss(result.output, x)
+def _log_weights(model: NVAE, x: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One pass over ``samples`` posterior draws per image: log w = −R − log q + log p, the NELBO (β = 1, no
+    balancing) and per-channel KLs, sample-major (``samples × B`` rows)."""
+    result = model(x, samples=samples)
+    recon = model.reconstruction_loss(result.output, x.repeat(samples, 1, 1, 1))
     log_w = -recon - result.log_q + result.log_p
     nelbo = recon + torch.stack(result.kl, dim=1).sum(dim=1)
     return log_w, nelbo, result.kl_per_channel
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def iw_bound(
     model: NVAE, x: torch.Tensor, iw_samples: int, chunk: int, sequential: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Per-image log p̂(x) = logsumexp_k log w_k − log K, and the mean NELBO over the K samples.
 
-    Batched: the batch is tiled ``chunk`` times per forward pass (BN is in eval mode, so images
-    do not interact). Sequential: K passes of the batch, as the official evaluation does.
+    Batched: ``chunk`` samples per image in one forward pass, sharing one encoder pass (BN is in eval mode, so
+    images do not interact). Sequential: K full passes of the batch, as the official evaluation does.
     """
     b = x.shape[0]
     log_ws, nelbos = [], []
@@ -65,7 +66,7 @@ def iw_bound(
     done = 0
     while done < iw_samples:
         k = min(per_pass, iw_samples - done)
-        log_w, nelbo, kls = _log_weights(model, x.repeat(k, 1, 1, 1))
+        log_w, nelbo, kls = _log_weights(model, x, k)
         log_ws.append(log_w.view(k, b))
         nelbos.append(nelbo.view(k, b))
         kl_channels = kls if kl_channels is None else [a + c for a, c in zip(kl_channels, kls, strict=True)]

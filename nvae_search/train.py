@@ -274,6 +274,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_ranks": self._gather_rng_states(),
             "step": self.step,
             "total_steps": self.total_steps,
             "elapsed": self.elapsed,
@@ -293,6 +294,13 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+        ranks = state.get("rng_ranks") or []
+        if self.world > 1 and len(ranks) == self.world:
+            # Each rank draws its own latent and binarisation noise: restore its own stream, not rank 0's.
+            cpu_state, cuda_state = ranks[self.rank]
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_state, self.device)
         self.step = int(state["step"])
         self._set_total_steps(int(state["total_steps"]))
         self.elapsed = float(state["elapsed"])
@@ -300,8 +308,33 @@ class Trainer:
         self.tracker.load_state_dict(state["tracker"])
 
     def save(self) -> None:
+        """Called at the same step on every rank (the RNG gather is a collective); rank 0 writes."""
+        state = self.state_dict()
         if self.main:
-            save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.state_dict())
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME, state)
+
+    def _gather_rng_states(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        if self.world == 1:
+            return []
+        mine = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        states: list[Any] = [None] * self.world
+        dist.all_gather_object(states, mine)
+        return states
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on one: ranks must leave the loop, and save, at the same step."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def _rank0_int(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
 
     # -------------------------------------------------------------------------------------- data
     def _batches(self) -> Iterator[torch.Tensor]:
@@ -507,8 +540,8 @@ class Trainer:
 
     def _budget_reached(self) -> bool:
         if self.total_steps and self.step >= self.total_steps:
-            return True
-        return self.cfg.minutes is not None and self.elapsed >= self.cfg.minutes * 60
+            return True  # the same step count on every rank
+        return self._any_rank(self.cfg.minutes is not None and self.elapsed >= self.cfg.minutes * 60)
 
     def _loop(self) -> tuple[str, str | None, int | None]:
         progress = _Progress(self) if (self.cfg.progress and self.main) else None
@@ -517,8 +550,8 @@ class Trainer:
         status, cause, diverged_step = "completed", None, None
         try:
             while not self._budget_reached():
-                if self.stop.reason:
-                    return "stopped", self.stop.reason, None
+                if self._any_rank(self.stop.reason is not None):
+                    return "stopped", self.stop.reason or "interrupted on another rank", None
                 x = self.prepare(next(batches))
                 t0 = time.perf_counter()
                 divergence, info = self.train_step(x)
@@ -529,9 +562,8 @@ class Trainer:
                 if divergence is not None:
                     return "diverged", divergence, self.step
                 if not self.total_steps and self.step >= STEP_TIME_PROBE:
-                    self._set_total_steps(
-                        max(self.step + 1, int(self.cfg.minutes * 60 / statistics.median(self.step_times)))
-                    )  # type: ignore[operator]
+                    planned = max(self.step + 1, int(self.cfg.minutes * 60 / statistics.median(self.step_times)))  # type: ignore[operator]
+                    self._set_total_steps(self._rank0_int(planned))
                 if info is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                     metrics = self._metrics(info)
                     self.log(metrics)
@@ -542,9 +574,8 @@ class Trainer:
                     progress.update(info)
                 if self.step % self.cfg.image_every_steps == 0:
                     self.log_images(x)
-                if (
-                    self.step % self.cfg.checkpoint_every_steps == 0
-                    or time.monotonic() - last_save > self.cfg.checkpoint_every_minutes * 60
+                if self.step % self.cfg.checkpoint_every_steps == 0 or self._any_rank(
+                    time.monotonic() - last_save > self.cfg.checkpoint_every_minutes * 60
                 ):
                     self.save()
                     last_save = time.monotonic()

@@ -113,3 +113,32 @@ def test_an_error_in_the_report_callback_stops_every_worker_at_that_step(tmp_pat
     assert not multiprocessing.active_children()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["cause"] == "pruned" and summary["steps"] == 2
+
+
+def test_a_killed_data_parallel_run_resumes_with_each_ranks_own_noise(tmp_path: Path) -> None:
+    """Latent noise on: each rank draws its own. A run stopped at step 3 and resumed must log the same losses at
+    steps 4-6 as an uninterrupted run, which holds only if every rank gets its own random stream back."""
+    steps = 6
+    kwargs: dict[str, Any] = {"workers": 2, "backend": "gloo", "threads_per_worker": 1}
+    train_data_parallel(recipe(4, **{"train.steps": steps}), tmp_path / "whole", **kwargs)
+
+    def stop_after_3(step: int, metrics: dict[str, Any]) -> bool:
+        return step >= 3
+
+    cut = train_data_parallel(recipe(4, **{"train.steps": steps}), tmp_path / "cut", on_report=stop_after_3, **kwargs)
+    assert cut.status == "stopped" and cut.steps == 3
+    resumed = train_data_parallel(recipe(4, **{"train.steps": steps}), tmp_path / "cut", resume=True, **kwargs)
+    assert resumed.status == "completed" and resumed.steps == steps
+    whole, again = logged(tmp_path / "whole"), logged(tmp_path / "cut")
+    assert sorted(again) == list(range(1, steps + 1))
+    for step in range(4, steps + 1):
+        assert again[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-5, abs=1e-5), step
+
+
+def test_a_minutes_budget_ends_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """Each rank times its own steps; the planned step count is rank 0's, so no rank waits for a step the others
+    never take (the call would hang)."""
+    run = recipe(4, **{"train.steps": None, "train.minutes": 0.03, "train.log_every": 50})
+    summary = train_data_parallel(run, tmp_path / "run", workers=2, backend="gloo", threads_per_worker=1)
+    assert summary.status == "completed"
+    assert summary.steps == summary.total_steps >= 5

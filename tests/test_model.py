@@ -100,6 +100,27 @@ def test_op_output_shape(kind: str, stride: int) -> None:
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("stride", sorted(STRIDE_SHAPES))
+@pytest.mark.parametrize("side", [4, 16])  # below and above the size where the op switches to channels-last
+def test_eval_mode_inverted_residual_folds_batch_norm_without_changing_the_output(stride: int, side: int) -> None:
+    c_out = STRIDE_SHAPES[stride][0]
+    op = make_op(8, c_out, stride, OpSpec(kind="mbconv", expansion=3, kernel=5), NormSpec())
+    generator = torch.Generator().manual_seed(0)
+    for module in op.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # trained-looking statistics and affine parameters
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator))
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(n, generator=generator))
+            module.bias.data.copy_(torch.randn(n, generator=generator))
+    op.eval()
+    x = torch.randn(3, 8, side, side, generator=generator)
+    with torch.no_grad():
+        folded = op(x)
+        reference = op.layers(torch.nn.functional.interpolate(x, scale_factor=2) if stride == -1 else x)
+    torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ checkpointing
 def one_step(model: NVAE, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.train()
@@ -221,3 +242,21 @@ def test_vanilla_vae_builds_trains_and_samples() -> None:
     assert model.arch.vanilla and not hasattr(model, "prior_ftr0")
     assert_trains(model, batch_for(cfg))
     assert model.eval().sample(2, temperature=1.0).shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_nf": 1}, {"res_dist": False}])
+def test_k_samples_share_one_encoder_pass_with_the_same_result(overrides: dict[str, Any]) -> None:
+    """`model(x, samples=K)` (one encoder pass, tiled features) must equal `model(x.repeat(K))` draw for draw: the
+    batched IW evaluation relies on it."""
+    cfg = tiny_config(**overrides)
+    model = build_model(cfg).eval()
+    x = batch_for(cfg, n=3)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        shared = model(x, samples=4)
+        torch.manual_seed(1)
+        tiled = model(x.repeat(4, 1, 1, 1))
+    assert shared.log_q.shape == (12,)
+    torch.testing.assert_close(shared.log_q, tiled.log_q, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(shared.log_p, tiled.log_p, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(shared.output.mean(), tiled.output.mean(), rtol=1e-5, atol=1e-5)

@@ -212,8 +212,14 @@ class NVAE(nn.Module):
                 yield "group", group
                 group += 1
 
-    def forward(self, x: torch.Tensor) -> ForwardResult:
+    def forward(self, x: torch.Tensor, samples: int = 1) -> ForwardResult:
+        """One posterior sample per image, or ``samples`` per image (sample-major: row ``k·B + i`` is sample k of
+        image i, like ``x.repeat(samples, 1, 1, 1)``). The bottom-up pass does not depend on the sample, so it runs
+        once and its features are tiled: K importance samples cost one encoder pass and K decoder passes."""
         top_feature, stored = self.encode(x)
+        if samples > 1:
+            top_feature = top_feature.repeat(samples, 1, 1, 1)
+            stored = [t.repeat(samples, 1, 1, 1) for t in stored]
         ftr = self.enc0(top_feature)
         mu_q, log_sigma_q = self.enc_sampler[0](ftr).float().chunk(2, dim=1)
         q = LatentNormal(mu_q, log_sigma_q)
@@ -226,7 +232,7 @@ class NVAE(nn.Module):
         if self.arch.vanilla:
             s = self.stem_decoder(z)
         else:
-            s = self._initial_state(x.shape[0])
+            s = self._initial_state(top_feature.shape[0])
             for kind, item in self._iter_decoder():
                 if kind == "cells":
                     s = item(s)

@@ -232,11 +232,45 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.upsample:
             x = _upsample_nearest(x)
+        run = self.layers if self.training else self._folded
         if x.device.type == "cpu" and x.shape[-1] >= CHANNELS_LAST_MIN_SIDE:
             # oneDNN's depthwise conv (above all its backward) is ~2x faster in NHWC on CPU; the residual ops are
             # not, so only this block switches layout, and hands back the usual NCHW.
-            return self.layers(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        return self.layers(x)
+            return run(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return run(x)
+
+    def _folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode: each BN is an affine map beside a convolution (the first one feeds a 1×1 conv), so it is
+        folded into that convolution's weight and bias. The same function up to rounding, with four fewer passes
+        over the activations: evaluation with many importance samples is mostly such passes."""
+        bn_in, expand, spatial, project, bn_out = self.layers
+        w1, b1 = _fold_bn_after(expand[0].normalized_weight(), expand[1])
+        scale_in, shift_in = _bn_affine(bn_in)
+        b1 = b1 + w1.flatten(1) @ shift_in
+        w1 = w1 * scale_in.view(1, -1, 1, 1)
+        x = expand[2](F.conv2d(x, w1, b1))
+        conv = spatial[0]
+        w2, b2 = _fold_bn_after(conv.normalized_weight(), spatial[1])
+        x = spatial[2](F.conv2d(x, w2, b2, conv.stride, conv.padding, conv.dilation, conv.groups))
+        w3, b3 = _fold_bn_after(project.normalized_weight(), bn_out)
+        return F.conv2d(x, w3, b3)
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as y = scale·x + shift per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)  # type: ignore[operator]
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale  # type: ignore[operator]
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _fold_bn_after(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of conv-then-BN (a bias-free conv) as one conv."""
+    scale, shift = _bn_affine(bn)
+    return weight * scale.view(-1, 1, 1, 1), shift
 
 
 OpFactory = Callable[[int, int, int, OpSpec, NormSpec], nn.Module]

@@ -363,10 +363,12 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
 
     from ..checkpoint import CHECKPOINT_NAME
     from ..evaluate import unit_for
+    from ..runtime import tune_allocator
     from ..train import TrainingDiverged
     from .compile import resolve_flat_params
 
     start = time.perf_counter()
+    tune_allocator()  # a Ray worker is a fresh process that did not come through the CLI
     # A stopped trial finishes gracefully (checkpoint, summary.json); when Tune reuses this actor it waits for that
     # only TUNE_FUNCTION_THREAD_TIMEOUT_S (default 2 s) before giving up, and then aborts the *next* trial.
     if int(os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", "0")) < STOP_GRACE_S:
