@@ -218,9 +218,12 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
     path = write_space(
         tmp_path,
         "killed",
-        {"train.learning_rate": {"type": "float", "low": 5.0e-3, "high": 1.0e-2}},
+        {
+            "train.learning_rate": {"type": "float", "low": 5.0e-3, "high": 1.0e-2},
+            "train.batch_size": {"type": "fixed", "value": 32},  # slower steps: time to kill a trial mid-run
+        },
         3,
-        steps=16,
+        steps=30,
         every=2,
         ray={"max_concurrent": 2, "scheduler": {"type": "none"}},
     )
@@ -233,8 +236,7 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and first.poll() is None:
-            steps = [_last_step(d) for d in trials_dir.glob("ray_*")]
-            if steps and max(steps) >= 6:  # the first trial has reported, with a checkpoint
+            if _driver_recorded_a_checkpoint(runs / "killed"):
                 break
             time.sleep(0.2)
         assert first.poll() is None, "the search ended before it could be killed"
@@ -262,10 +264,11 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
     assert any(step and step >= 2 for step in resumed), "no trial continued from its checkpoint"
 
 
-def _last_step(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    try:
-        return json.loads(lines[-1])["step"] if lines else 0
-    except ValueError:  # a line being written
-        return 0
+def _driver_recorded_a_checkpoint(study_dir: Path) -> bool:
+    """A trial checkpoint exists and the driver has written its experiment state since (plus a margin for it to
+    have registered that checkpoint): only then can a restored experiment know of it. Ray writes the state at most
+    every 10 s, and at once after a trial's ``num_to_keep``-th checkpoint."""
+    checkpoints = [c.stat().st_mtime for c in study_dir.glob("ray/*/*/checkpoint_*")]
+    states = [s.stat().st_mtime for s in study_dir.glob("ray/*/experiment_state*.json")]
+    running = [d for d in (study_dir / "trials").glob("ray_*") if not (d / "summary.json").exists()]
+    return bool(checkpoints and states and running) and max(states) > min(checkpoints) + 0.5
