@@ -378,8 +378,10 @@ def profile_worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from .model.builder import build_model
+    from .runtime import tune_allocator
     from .schema import ModelConfig
 
+    tune_allocator()  # a spawned process: measure memory and time as `train` runs, with the same allocator
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     torch.manual_seed(0)

@@ -755,14 +755,13 @@ def _plot_outcomes(ax: Any, xs: list[Any], ys: list[float], diverged_xs: list[An
     """Completed trials as points, diverged/failed ones as red marks in the top band."""
     if xs:
         ax.scatter(xs, ys, color=COLOURS["completed"], s=26, alpha=0.8, zorder=3, label="completed")
+    _diverged_marks(ax, diverged_xs)
+
+
+def _diverged_marks(ax: Axes, xs: Sequence[Any]) -> None:
+    """Diverged or failed trials have no objective value: red crosses in the top band, at their x positions."""
     _edge_marks(
-        ax,
-        diverged_xs,
-        marker="x",
-        color=COLOURS["diverged"],
-        s=40,
-        linewidths=1.8,
-        label="diverged / failed (top band)",
+        ax, xs, marker="x", color=COLOURS["diverged"], s=44, linewidths=1.9, label="diverged / failed (top band)"
     )
 
 
@@ -867,15 +866,7 @@ def _plot_history(path: Path, runs: Sequence[_Run], space: Space, unit: str, tit
                 color="#666666",
                 fontsize=11,
             )
-        _edge_marks(
-            ax,
-            diverged,
-            marker="x",
-            color=COLOURS["diverged"],
-            s=50,
-            linewidths=2,
-            label="diverged / failed (top band)",
-        )
+        _diverged_marks(ax, diverged)
         ax.set_ylabel(_axis_label(objective.metric, unit, objective.direction), fontsize=9)
         ax.grid(alpha=0.3)
     ax = axes[-1, 0]
