@@ -57,7 +57,7 @@ class Cell(nn.Module):
         out = self.ops(x)
         if self.se is not None:
             out = self.se(out)
-        return self.skip(x) + RESIDUAL_SCALE * out
+        return torch.add(self.skip(x), out, alpha=RESIDUAL_SCALE)  # one pass over the activations, not two
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
