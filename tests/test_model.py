@@ -121,22 +121,6 @@ def test_eval_mode_inverted_residual_folds_batch_norm_without_changing_the_outpu
     torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", sorted(OP_TABLE))
-@pytest.mark.parametrize("stride", sorted(STRIDE_SHAPES))
-def test_op_gives_the_same_output_with_and_without_autograd(kind: str, stride: int) -> None:
-    """Evaluation and sampling run without autograd, where swish takes a faster form; it must be the same function."""
-    c_out = STRIDE_SHAPES[stride][0]
-    op = make_op(8, c_out, stride, op_spec_for(kind), NormSpec())
-    op(torch.randn(4, 8, 8, 8))  # data-dependent init and BN statistics, in training mode
-    op.eval()
-    x = torch.randn(3, 8, 8, 8)
-    with torch.inference_mode():
-        fast = op(x)
-    reference = op(x).detach()
-    assert reference.requires_grad is False and fast.shape == reference.shape
-    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
-
-
 # ------------------------------------------------------------------------------------------ checkpointing
 def one_step(model: NVAE, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.train()

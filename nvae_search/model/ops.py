@@ -38,17 +38,8 @@ class OpSpec:
     activation: str = "swish"
 
 
-def swish(x: torch.Tensor) -> torch.Tensor:
-    """x·σ(x). Without autograd (evaluation, sampling) as σ(x) multiplied in place by x: the same function, and
-    about twice as fast as torch's CPU SiLU kernel on NCHW activations, which dominate IW evaluation. With
-    autograd, F.silu, whose backward needs only x."""
-    if torch.is_grad_enabled():
-        return F.silu(x)
-    return torch.sigmoid(x).mul_(x)
-
-
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "swish": swish,
+    "swish": F.silu,
     "elu": F.elu,
     "relu": F.relu,
 }
@@ -312,7 +303,7 @@ class FactorizedReduce(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = swish(x)
+        x = F.silu(x)
         shifted = (x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :])
         return torch.cat([conv(t) for conv, t in zip(self.convs, shifted, strict=True)], dim=1)
 
