@@ -551,10 +551,13 @@ def run_summary_table(summary: dict[str, Any]) -> Table:
     if summary.get("diverged_step"):
         status += f" at step {summary['diverged_step']}"
     unit = summary["unit"]
+    # A minutes-only budget fixes its step count after timing the first steps; a run stopped earlier has none.
+    planned = f"{summary['total_steps']:,}" if summary["total_steps"] else "(not planned yet)"
     rows = [
         ("status", f"[{colour}]{status}[/]"),
-        ("steps", f"{summary['steps']:,} of {summary['total_steps']:,} ({summary['epochs']:.2f} epochs)"),
-        ("wall time", f"{summary['wall_s']:.1f} s, {summary['step_time_s'] or 0:.3f} s/step (median)"),
+        ("steps", f"{summary['steps']:,} of {planned} ({summary['epochs']:.2f} epochs)"),
+        # wall_s counts time inside training steps (what a minutes budget counts), not evaluation or checkpoints
+        ("time in steps", f"{summary['wall_s']:.1f} s, {summary['step_time_s'] or 0:.3f} s/step (median)"),
         ("train NELBO", f"{summary['train_nelbo']:.3f} {unit}" if summary.get("train_nelbo") is not None else "-"),
     ]
     if summary.get("eval"):

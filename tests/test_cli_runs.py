@@ -137,3 +137,18 @@ def test_bench_step_json() -> None:
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert payload["params"] == 27998 and len(payload["times_s"]) == 2 and payload["median_s"] > 0
+
+
+def test_summary_of_a_run_stopped_before_its_step_plan_says_so() -> None:
+    from rich.console import Console
+
+    from nvae_search.cli import run_summary_table
+
+    summary = {"out_dir": "runs/x", "status": "stopped", "cause": "SIGTERM", "diverged_step": None, "unit": "nats"}
+    summary |= {"steps": 3, "total_steps": 0, "epochs": 0.01, "wall_s": 1.2, "step_time_s": 0.4, "train_nelbo": None}
+    summary |= {"grad_norm_max": 9.0, "grad_norm_mean": 5.0, "loss_spikes": 0, "skipped_steps": 0}
+    summary |= {"active_groups": 3, "num_groups": 3, "active_units": [2, 1, 1]}
+    console = Console(record=True, width=120)
+    console.print(run_summary_table(summary))
+    text = console.export_text()
+    assert "3 of (not planned yet)" in text and "stopped (SIGTERM)" in text and "time in steps" in text
