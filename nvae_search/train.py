@@ -245,9 +245,9 @@ class Trainer:
     def _planned_steps(self) -> int:
         if self.cfg.steps is not None:
             return self.cfg.steps
-        if self.cfg.epochs is not None or self.cfg.minutes is None:
-            return (self.cfg.epochs or DEFAULT_EPOCHS) * self.iters_per_epoch
-        return 0  # fixed after timing the first steps
+        if self._budget_is_clock_only():
+            return 0  # planned after timing the first steps (CLOCK_REPLAN_STEPS)
+        return (self.cfg.epochs or DEFAULT_EPOCHS) * self.iters_per_epoch
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         warmup = round(self.cfg.warmup_epochs * self.iters_per_epoch)
@@ -575,9 +575,7 @@ class Trainer:
                 self.step_times.append(dt)
                 if divergence is not None:
                     return "diverged", divergence, self.step
-                if self._budget_is_clock_only() and (
-                    self.step in CLOCK_REPLAN_STEPS or (not self.total_steps and self.step >= STEP_TIME_PROBE)
-                ):
+                if self.step in CLOCK_REPLAN_STEPS and self._budget_is_clock_only():
                     self._set_total_steps(self._rank0_int(self._steps_left_on_clock()))
                 if info is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                     metrics = self._metrics(info)
