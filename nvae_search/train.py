@@ -50,11 +50,11 @@ Reporter = Callable[[int, dict[str, float]], bool]
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 DEFAULT_EPOCHS = 200
 STEP_TIME_PROBE = 5  # steps timed to turn a wall-clock-only budget into a step count
-# A minutes-only budget is re-planned at these steps from the time left and the recent step time: the first steps
-# are slower (allocator and oneDNN warm-up, the first 40 power iterations), and a plan fixed at step 5 alone left
-# a tenth of a 30-minute budget unused (4,935 steps in 26.8 minutes). The schedules (cosine, KL warm-up) follow the
-# plan; after step 320 it stays fixed.
-CLOCK_REPLAN_STEPS = frozenset(STEP_TIME_PROBE * 2**k for k in range(7))  # 5, 10, 20, … 320
+# A minutes-only budget is re-planned after every step up to this one, from the time left and the recent step
+# time: the first steps are slower (allocator and oneDNN warm-up, the first 40 power iterations), and a plan fixed
+# at step 5 alone left a tenth of a 30-minute budget unused (4,935 steps in 26.8 minutes). The schedules (cosine,
+# KL warm-up) follow the plan; after this step it stays fixed.
+CLOCK_REPLAN_UNTIL = 320
 MIN_GRAD_SCALE = 2.0**-20
 
 
@@ -246,7 +246,7 @@ class Trainer:
         if self.cfg.steps is not None:
             return self.cfg.steps
         if self._budget_is_clock_only():
-            return 0  # planned after timing the first steps (CLOCK_REPLAN_STEPS)
+            return 0  # planned after timing the first steps (CLOCK_REPLAN_UNTIL)
         return (self.cfg.epochs or DEFAULT_EPOCHS) * self.iters_per_epoch
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
@@ -575,7 +575,7 @@ class Trainer:
                 self.step_times.append(dt)
                 if divergence is not None:
                     return "diverged", divergence, self.step
-                if self.step in CLOCK_REPLAN_STEPS and self._budget_is_clock_only():
+                if STEP_TIME_PROBE <= self.step <= CLOCK_REPLAN_UNTIL and self._budget_is_clock_only():
                     self._set_total_steps(self._rank0_int(self._steps_left_on_clock()))
                 if info is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                     metrics = self._metrics(info)
