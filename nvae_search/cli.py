@@ -757,16 +757,18 @@ def report(
 @app.command()
 def repeat(
     study_dir: Annotated[Path, typer.Argument(help="A study directory made by `search`.", show_default=False)],
-    backend: Annotated[
-        str, typer.Option("--backend", help="optuna (in-process); ray is not supported yet.")
-    ] = "optuna",
+    backend: Annotated[str, typer.Option("--backend", help="optuna (in-process, one after the other) or ray.")] = (
+        "optuna"
+    ),
+    address: Annotated[str | None, typer.Option("--address", help="Ray: local, auto or HOST:PORT.")] = None,
 ) -> None:
-    """Train the seed repeats of the best configurations (the space's `repeats: {top_k, seeds}`); resumable."""
+    """Train the seed repeats of the best configurations (the space's `repeats: {top_k, seeds}`) for `report`.
+    Resumable: finished repeats are skipped, cut-off ones resume from their checkpoint."""
     from .search.repeats import run_repeats
 
     console = _console()
     try:
-        result = run_repeats(study_dir, backend=backend, **_repeat_progress(console))
+        result = run_repeats(study_dir, backend=backend, address=address, **_repeat_progress(console, backend))
     except ConfigError as err:
         fail_config(err)
     except _user_errors() as err:
@@ -776,9 +778,10 @@ def repeat(
         raise typer.Exit(1)
 
 
-def _repeat_progress(console: Console) -> dict[str, Any]:
+def _repeat_progress(console: Console, backend: str) -> dict[str, Any]:
     def on_start(job: Any, index: int, total: int, resumed: bool) -> None:
         how = "resuming from its checkpoint" if resumed else "training"
+        how += " (queued on Ray)" if backend == "ray" else ""
         console.print(f"repeat {index}/{total}: config {job.config} (trial {job.trial}), seed {job.seed}: {how}")
 
     def on_end(job: Any, status: str, error: str | None) -> None:

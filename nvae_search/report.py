@@ -1327,7 +1327,7 @@ def build_report(study_dir: str | Path, *, console: Console | None = None) -> Re
         console.print()
         console.print(Text(missing[0], style="bold yellow"))
         for line in missing[1:]:
-            console.print(Text(line))
+            console.print(Text(line), soft_wrap=True)  # never wrap a path or a command the user copies
         notes.append(f"{len(plan.missing)} repeat run(s) missing: run `nvae-search repeat {root}`")
     for note in notes:
         if note.startswith("importances ") or note.endswith(f"`nvae-search repeat {root}`"):

@@ -173,7 +173,7 @@ def test_ray_trials_lose_ray_copies_of_their_checkpoint_too(tmp_path: Path) -> N
     space = space_with(tmp_path, {"keep_checkpoints": "best", "keep_top_k": 1})
     study_dir, study = study_of(tmp_path, space)
     copies = {}
-    for number, trial_id in ((6, "ab12_00001"), (7, "ab12_00002")):
+    for number, trial_id in ((6, "ab12cd34"), (7, "ab12cd35")):
         run_dir = run_dir_with_files(study_dir, f"ray_{trial_id}")
         folder = study_dir / "ray" / "keep" / f"_ray_trial_{trial_id}_{number}_lr=0.01_2026-12-01_10-00-00"
         for checkpoint in ("checkpoint_000000", "checkpoint_000001"):
@@ -191,11 +191,11 @@ def test_ray_trials_lose_ray_copies_of_their_checkpoint_too(tmp_path: Path) -> N
             )
         )
     # As the Ray searcher calls it after telling Optuna: the space from its define-by-run function.
-    after_ray_trial(study, type("SpaceFn", (), {"space": space})(), str(study_dir / "trials" / "ray_ab12_00002"))
+    after_ray_trial(study, type("SpaceFn", (), {"space": space})(), str(study_dir / "trials" / "ray_ab12cd35"))
     assert sorted(p.parent.parent.name for p in copies[6].glob("*/checkpoint.pt")) == [copies[6].name] * 2
     assert list(copies[7].glob("*/checkpoint.pt")) == []
     assert len(list(copies[7].glob("*/ray_state.json"))) == 2
-    assert with_checkpoint(study_dir) == ["0005", "ray_ab12_00001"]
+    assert with_checkpoint(study_dir) == ["0005", "ray_ab12cd34"]
 
 
 def test_keep_top_k_needs_best(tmp_path: Path) -> None:
