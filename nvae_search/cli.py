@@ -740,15 +740,66 @@ def _trial_line(console: Console) -> Any:
 @app.command()
 def report(
     study_dir: Annotated[Path, typer.Argument(help="A study directory made by `search`.", show_default=False)],
-    no_repeats: Annotated[bool, typer.Option("--no-repeats", help="Do not train missing seed repeats.")] = False,
+    no_repeats: Annotated[
+        bool, typer.Option("--no-repeats", hidden=True, help="Ignored: report never trains.")
+    ] = False,
 ) -> None:
-    """Leaderboard, stability per configuration, parameter importances, CSV/JSON and PNG plots."""
+    """Leaderboard, stability per configuration, parameter importances, CSV/JSON and PNG plots. Reads only: seed
+    repeats come from `nvae-search repeat`."""
     from .report import build_report
 
     try:
-        build_report(study_dir, repeats=not no_repeats, console=_console())
+        build_report(study_dir, console=_console())
     except ConfigError as err:
         fail_config(err)
+
+
+@app.command()
+def repeat(
+    study_dir: Annotated[Path, typer.Argument(help="A study directory made by `search`.", show_default=False)],
+    backend: Annotated[str, typer.Option("--backend", help="optuna (in-process, one after the other) or ray.")] = (
+        "optuna"
+    ),
+    address: Annotated[str | None, typer.Option("--address", help="Ray: local, auto or HOST:PORT.")] = None,
+) -> None:
+    """Train the seed repeats of the best configurations (the space's `repeats: {top_k, seeds}`) for `report`.
+    Resumable: finished repeats are skipped, cut-off ones resume from their checkpoint."""
+    from .search.repeats import run_repeats
+
+    console = _console()
+    try:
+        result = run_repeats(study_dir, backend=backend, address=address, **_repeat_progress(console, backend))
+    except ConfigError as err:
+        fail_config(err)
+    except _user_errors() as err:
+        fail_user(err)
+    _print_repeat_result(console, result)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _repeat_progress(console: Console, backend: str) -> dict[str, Any]:
+    def on_start(job: Any, index: int, total: int, resumed: bool) -> None:
+        how = "resuming from its checkpoint" if resumed else "training"
+        how += " (queued on Ray)" if backend == "ray" else ""
+        console.print(f"repeat {index}/{total}: config {job.config} (trial {job.trial}), seed {job.seed}: {how}")
+
+    def on_end(job: Any, status: str, error: str | None) -> None:
+        console.print(f"  {status}" + (f": {error}" if error else "") + f"  ({job.run_dir})")
+
+    return {"on_start": on_start, "on_end": on_end}
+
+
+def _print_repeat_result(console: Console, result: Any) -> None:
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    stopped = sum(status == "stopped" for _job, status in result.ran)
+    console.print(
+        f"repeats: {len(result.already_done)} already done, {len(result.ran) - stopped} run now"
+        + (f", {stopped} stopped (run the command again to resume)" if stopped else "")
+        + (f", {len(result.failed)} failed" if result.failed else "")
+    )
+    console.print(f"next: nvae-search report {result.study_dir}")
 
 
 # ---------------------------------------------------------------------------------------- benchmarks

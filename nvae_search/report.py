@@ -1,8 +1,9 @@
 """The report of a study directory: leaderboard, seed stability per configuration, importances and plots.
 
 :func:`build_report` reads a study written by either backend (``study.json`` + the Optuna storage, every trial's
-outcome in its user attributes, see :data:`~nvae_search.search.runner.OUTCOME_KEYS`), optionally re-runs the
-best configurations on the space's ``repeats.seeds``, prints rich tables and writes into ``<study>/report/``:
+outcome in its user attributes, see :data:`~nvae_search.search.runner.OUTCOME_KEYS`) and the seed repeats of the
+best configurations that ``nvae-search repeat`` wrote (:mod:`nvae_search.search.repeats`; the report never
+trains, and says which repeats are missing), prints rich tables and writes into ``<study>/report/``:
 
 - ``leaderboard.csv`` / ``leaderboard.json``: one row per trial (and per repeat run), best first;
 - ``configs.csv`` / ``configs.json``: mean ± std of the first objective, divergence rate, mean max gradient norm
@@ -36,12 +37,10 @@ from rich.text import Text
 
 from .search.runner import (
     OUTCOME_KEYS,
-    InvalidCombination,
     TrialOutcome,
     config_id,
     load_study,
     outcome_from_summary,
-    run_trial,
 )
 from .spaces import Space
 
@@ -49,7 +48,7 @@ if TYPE_CHECKING:
     import optuna
     from matplotlib.axes import Axes
 
-__all__ = ["REPEATS_DIR", "REPORT_DIR", "Report", "build_report"]
+__all__ = ["REPEATS_DIR", "REPORT_DIR", "RepeatJob", "RepeatPlan", "Report", "build_report", "plan_repeats"]
 
 REPORT_DIR = "report"
 REPEATS_DIR = "repeats"
@@ -87,6 +86,7 @@ class Report:
     importances: dict[str, dict[str, float]]
     files: dict[str, Path] = field(default_factory=dict)  # file name -> path
     notes: list[str] = field(default_factory=list)  # what was skipped, and why
+    missing_repeats: list[RepeatJob] = field(default_factory=list)  # what `nvae-search repeat` would run
 
 
 @dataclass
@@ -278,11 +278,6 @@ def _row_from_outcome(outcome: TrialOutcome, values: dict[str, Any], params: dic
     )
 
 
-def _outcome_from_summary_file(space: Space, path: Path, values: dict[str, Any]) -> TrialOutcome:
-    data = json.loads(path.read_text())
-    return outcome_from_summary(space, SimpleNamespace(**data), values, float(data.get("wall_s") or 0.0))  # type: ignore[arg-type]
-
-
 def _sort_key(direction: str) -> Callable[[_Run], tuple[Any, ...]]:
     sign = -1.0 if direction == "maximize" else 1.0
 
@@ -298,6 +293,30 @@ def _sort_key(direction: str) -> Callable[[_Run], tuple[Any, ...]]:
 
 
 # -------------------------------------------------------------------------------------------- repeats
+@dataclass(frozen=True)
+class RepeatJob:
+    """One repeat run the space asks for: a top configuration on one of ``repeats.seeds``."""
+
+    config: str
+    trial: int | None  # the study trial the configuration's values come from
+    seed: int
+    values: dict[str, Any]  # recipe values, with train.seed set to ``seed``
+    params: dict[str, Any]  # the searched parameters, shown in the leaderboard
+    run_dir: Path
+
+
+@dataclass
+class RepeatPlan:
+    """The repeat runs of a study: ``done`` (read from their summary.json) and ``missing`` (never run, or cut off
+    before their summary; ``nvae-search repeat`` runs or resumes them)."""
+
+    done: list[tuple[RepeatJob, TrialOutcome]] = field(default_factory=list)
+    missing: list[RepeatJob] = field(default_factory=list)
+
+
+REPEAT_DONE_STATUSES = frozenset({"completed", "diverged"})  # a "stopped" repeat was cut off: it is resumed
+
+
 def _top_configs(rows: Sequence[_Run], k: int, direction: str) -> list[_Run]:
     """The best completed trial of each of the k best configurations (by the first objective)."""
     best: dict[str, _Run] = {}
@@ -307,83 +326,70 @@ def _top_configs(rows: Sequence[_Run], k: int, direction: str) -> list[_Run]:
     return list(best.values())[:k]
 
 
-def _repeat_runs(
-    study_dir: Path, space: Space, rows: list[_Run], run: bool, console: Console, notes: list[str]
-) -> list[_Run]:
+def repeat_dir(study_dir: Path, config: str, seed: int) -> Path:
+    return study_dir / REPEATS_DIR / config / f"seed_{seed}"
+
+
+def read_repeat_summary(space: Space, job: RepeatJob) -> TrialOutcome | None:
+    """The outcome of a finished repeat run; None while it has no summary.json or was stopped before its end."""
+    path = job.run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("status") not in REPEAT_DONE_STATUSES:
+        return None
+    return outcome_from_summary(space, SimpleNamespace(**data), job.values, float(data.get("wall_s") or 0.0))  # type: ignore[arg-type]
+
+
+def plan_repeats(study_dir: Path, space: Space, rows: Sequence[_Run], notes: list[str]) -> RepeatPlan:
+    """Which repeat runs exist and which are missing; reads files only (training them is ``nvae-search repeat``)."""
+    plan = RepeatPlan()
     repeats = space.repeats
     if repeats.top_k <= 0:
-        return []
-    n_obj = len(space.study.objectives)
-    found: list[_Run] = []
-    todo: list[tuple[_Run, Any, Path]] = []
+        return plan
     for best in _top_configs(rows, repeats.top_k, space.study.objectives[0].direction):
-        have = {r.seed for r in rows if r.config == best.config and r.status in RUN_STATUSES}
+        have = {r.seed for r in rows if r.source == "study" and r.config == best.config and r.status in RUN_STATUSES}
         for seed in repeats.seeds:
             if seed in have:
                 continue
-            run_dir = study_dir / REPEATS_DIR / str(best.config) / f"seed_{seed}"
-            values = {**(best.values or {}), SEED_PARAM: seed}
-            params = {**best.params, **({SEED_PARAM: seed} if SEED_PARAM in best.params else {})}
-            summary = run_dir / "summary.json"
-            if summary.is_file():
-                try:
-                    outcome = _outcome_from_summary_file(space, summary, values)
-                    found.append(_row_from_outcome(outcome, values, params, n_obj))
-                    continue
-                except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
-                    notes.append(f"repeat {run_dir}: unreadable summary.json ({err}); it is run again")
-            todo.append((best, seed, run_dir))
-    if todo and not run:
-        notes.append(f"{len(todo)} repeat run(s) missing (repeats=False: not trained)")
-        return found
-    if not todo:
-        return found
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]repeats[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("", total=len(todo))
-        for best, seed, run_dir in todo:
-            bar.update(task, description=f"config {best.config} (from trial {best.trial}), seed {seed}")
-            values = {**(best.values or {}), SEED_PARAM: seed}
-            params = {**best.params, **({SEED_PARAM: seed} if SEED_PARAM in best.params else {})}
+            job = RepeatJob(
+                config=str(best.config),
+                trial=best.trial,
+                seed=seed,
+                values={**(best.values or {}), SEED_PARAM: seed},
+                params={**best.params, **({SEED_PARAM: seed} if SEED_PARAM in best.params else {})},
+                run_dir=repeat_dir(study_dir, str(best.config), seed),
+            )
             try:
-                outcome = run_trial(space, values, run_dir)
-            except InvalidCombination as err:
-                outcome = TrialOutcome(
-                    {
-                        "status": "invalid",
-                        "cause": str(err),
-                        "config_id": best.config,
-                        "seed": seed,
-                        "values": json.dumps(values, default=str),
-                    },
-                    None,
-                )
-            except Exception as err:  # one broken repeat must not lose the report
-                notes.append(f"repeat of {best.config} on seed {seed} raised {type(err).__name__}: {err}")
-                outcome = TrialOutcome(
-                    {
-                        "status": "failed",
-                        "cause": f"{type(err).__name__}: {err}",
-                        "config_id": best.config,
-                        "seed": seed,
-                        "values": json.dumps(values, default=str),
-                        "run_dir": str(run_dir),
-                    },
-                    None,
-                )
-            found.append(_row_from_outcome(outcome, values, params, n_obj))
-            bar.advance(task)
-    return found
+                outcome = read_repeat_summary(space, job)
+            except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
+                notes.append(f"repeat {job.run_dir}: unreadable summary.json ({err}); `repeat` runs it again")
+                outcome = None
+            if outcome is None:
+                plan.missing.append(job)
+            else:
+                plan.done.append((job, outcome))
+    return plan
+
+
+def missing_repeats_lines(plan: RepeatPlan, study_dir: Path) -> list[str]:
+    """What the report says about missing repeats: per configuration, the seeds it lacks, then the command."""
+    if not plan.missing:
+        return []
+    per_config: dict[str, list[RepeatJob]] = {}
+    for job in plan.missing:
+        per_config.setdefault(job.config, []).append(job)
+    lines = [f"Seed repeats missing: {len(plan.missing)} run(s) of {len(per_config)} configuration(s)"]
+    for config, jobs in per_config.items():
+        started = sum(job.run_dir.exists() for job in jobs)
+        seeds = ", ".join(str(job.seed) for job in jobs)
+        origin = f" (trial {jobs[0].trial})" if jobs[0].trial is not None else ""
+        lines.append(
+            f"  config {config}{origin} lacks {len(jobs)} seed(s): {seeds}"
+            + (f" ({started} started, not finished)" if started else "")
+        )
+    lines.append(f"  run them with: nvae-search repeat {study_dir}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------- configurations
@@ -1227,11 +1233,18 @@ def _plot_stability(path: Path, configs: Sequence[Mapping[str, Any]], space: Spa
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def build_report(study_dir: str | Path, *, repeats: bool = True, console: Console | None = None) -> Report:
+def study_rows(study: optuna.Study, space: Space) -> list[_Run]:
+    """One row per trial of the study, in trial order."""
+    n_obj = len(space.study.objectives)
+    base_seed = _base_seed(space)
+    return [_row_from_trial(space, t, n_obj, base_seed) for t in study.get_trials(deepcopy=False)]
+
+
+def build_report(study_dir: str | Path, *, console: Console | None = None) -> Report:
     """Print the leaderboard, the stability table and the importances of a study, and write them (with plots)
-    into ``<study_dir>/report/``. With ``repeats`` (the default) the top ``repeats.top_k`` configurations of
-    the space are first trained on each missing seed of ``repeats.seeds`` (into ``<study_dir>/repeats/``;
-    existing ``summary.json`` files there are reused); ``repeats=False`` only reads what exists."""
+    into ``<study_dir>/report/``. Reads only: the seed repeats of the top ``repeats.top_k`` configurations are
+    read from ``<study_dir>/repeats/`` where ``nvae-search repeat`` wrote them; missing ones are listed with the
+    command that runs them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1241,10 +1254,10 @@ def build_report(study_dir: str | Path, *, repeats: bool = True, console: Consol
     objectives = space.study.objectives
     metrics = [o.metric for o in objectives]
     notes: list[str] = []
-    base_seed = _base_seed(space)
     trials = study.get_trials(deepcopy=False)
-    rows = [_row_from_trial(space, t, len(objectives), base_seed) for t in trials]
-    rows += _repeat_runs(root, space, rows, repeats, console, notes)
+    rows = study_rows(study, space)
+    plan = plan_repeats(root, space, rows, notes)
+    rows += [_row_from_outcome(outcome, job.values, job.params, len(objectives)) for job, outcome in plan.done]
     rows.sort(key=_sort_key(objectives[0].direction))
     for i, run in enumerate(rows, 1):
         run.rank = i
@@ -1309,9 +1322,17 @@ def build_report(study_dir: str | Path, *, repeats: bool = True, console: Consol
         except Exception as err:  # a broken plot must not lose the tables
             notes.append(f"{name} failed: {type(err).__name__}: {err}")
 
+    missing = missing_repeats_lines(plan, root)
+    if missing:
+        console.print()
+        console.print(Text(missing[0], style="bold yellow"))
+        for line in missing[1:]:
+            console.print(Text(line), soft_wrap=True)  # never wrap a path or a command the user copies
+        notes.append(f"{len(plan.missing)} repeat run(s) missing: run `nvae-search repeat {root}`")
     for note in notes:
-        if not note.startswith("importances "):  # already said above
-            console.print(Text.assemble(("note: ", "yellow"), note))
+        if note.startswith("importances ") or note.endswith(f"`nvae-search repeat {root}`"):
+            continue  # already said above
+        console.print(Text.assemble(("note: ", "yellow"), note))
     console.print(f"\n[bold]Report written to[/] {report_dir}/")
     console.print("  " + "  ".join(sorted(files)))
     return Report(
@@ -1322,4 +1343,5 @@ def build_report(study_dir: str | Path, *, repeats: bool = True, console: Consol
         importances=importances,
         files=files,
         notes=notes,
+        missing_repeats=plan.missing,
     )

@@ -328,12 +328,22 @@ class Budget(_Strict):
         None, ge=1, description="Evaluate on the first N test images; null keeps the recipe's train.eval_images."
     )
     report_every_steps: int = Field(50, ge=1, description="Steps between intermediate values sent to the pruner.")
+    keep_checkpoints: Literal["all", "best", "none"] = Field(
+        "best",
+        description="Which trials keep checkpoint.pt once they end: all, the best keep_top_k by the first objective, "
+        "or none. Metrics, summaries, resolved recipes and params stay for every trial.",
+    )
+    keep_top_k: int | None = Field(
+        None, ge=1, description="Trials whose checkpoints `best` keeps; null: repeats.top_k, at least 1."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Budget:
         given = [k for k in ("steps", "epochs", "minutes") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"set exactly one of steps, epochs or minutes (got {', '.join(given) or 'none'})")
+        if self.keep_top_k is not None and self.keep_checkpoints != "best":
+            raise ValueError(f"keep_top_k has no effect with keep_checkpoints: {self.keep_checkpoints}")
         return self
 
 

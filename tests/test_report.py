@@ -1,4 +1,4 @@
-"""The study report: leaderboard, per-configuration stability, importances, plots and seed repeats.
+"""The study report: leaderboard, per-configuration stability, importances, plots and the seed repeats it reads.
 
 Most studies here are built without training: a journal study with hand-made trials that carry the outcome user
 attributes the runner writes. One end-to-end test trains two tiny trials and reports on them.
@@ -10,8 +10,9 @@ import csv
 import io
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -21,14 +22,11 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-import nvae_search.report as report_module
 from nvae_search.report import Report, build_report, fmt_count, fmt_num, short_names
 from nvae_search.search.runner import (
     OUTCOME_KEYS,
-    TrialOutcome,
     config_id,
     create_study,
-    outcome_from_summary,
     run_optuna_search,
     storage_url,
     write_study_file,
@@ -227,7 +225,7 @@ def test_formatting_helpers_keep_numbers_short() -> None:
 
 def test_leaderboard_order_statuses_and_files(mixed_study: Path) -> None:
     console = quiet()
-    result = build_report(mixed_study, repeats=False, console=console)
+    result = build_report(mixed_study, console=console)
     assert isinstance(result, Report)
     assert [r["trial"] for r in result.rows] == [2, 4, 0, 1, 6, 3, 5, 8, 7]
     assert [r["status"] for r in result.rows] == ["completed"] * 4 + [
@@ -279,7 +277,7 @@ def test_leaderboard_order_statuses_and_files(mixed_study: Path) -> None:
 
 def test_configuration_table_numbers(mixed_study: Path) -> None:
     console = quiet()
-    result = build_report(mixed_study, repeats=False, console=console)
+    result = build_report(mixed_study, console=console)
     by_lr = {c["params"]["train.learning_rate"]: c for c in result.configs}
     assert [c["params"]["train.learning_rate"] for c in result.configs] == [0.01, 0.001, 0.1]  # by mean, None last
 
@@ -317,7 +315,7 @@ def test_configuration_table_numbers(mixed_study: Path) -> None:
 
 
 def test_importances_and_plots_are_written(mixed_study: Path) -> None:
-    result = build_report(mixed_study, repeats=False, console=quiet())
+    result = build_report(mixed_study, console=quiet())
     saved = json.loads((mixed_study / "report" / "importances.json").read_text())
     assert saved["evaluator"] == "PedAnovaImportanceEvaluator"
     assert saved["skipped"] is None
@@ -361,7 +359,7 @@ def test_multi_objective_study_gets_a_pareto_plot_and_importances_per_objective(
     values = {"train.learning_rate": 0.09, "model.use_se": False}
     add(study, TrialState.FAIL, values, outcome("diverged", values, diverged_step=3), dists)
 
-    result = build_report(study_dir, repeats=False, console=quiet())
+    result = build_report(study_dir, console=quiet())
     assert [r["trial"] for r in result.rows] == [1, 4, 2, 0, 3, 5]  # by the first objective
     assert result.rows[0]["objectives"] == {"nelbo": 100.0, "params": 40_000.0}
     assert set(result.importances) == {"nelbo", "params"}
@@ -395,7 +393,7 @@ def test_all_diverged_study_still_reports(tmp_path: Path) -> None:
 
 def test_a_narrow_console_gets_the_parameters_in_a_second_table(mixed_study: Path) -> None:
     console = Console(file=io.StringIO(), width=80, color_system=None)
-    build_report(mixed_study, repeats=False, console=console)
+    build_report(mixed_study, console=console)
     out = printed(console)
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "Searched parameters of the trials above" in out
@@ -417,7 +415,7 @@ def test_no_varying_parameter_skips_importances(tmp_path: Path) -> None:
     study_dir, study = make_study(tmp_path, space)
     lr_seed_trial(study, TrialState.COMPLETE, 0.01, 1, "completed", value=90.0)
     lr_seed_trial(study, TrialState.COMPLETE, 0.01, 1, "completed", value=91.0)
-    result = build_report(study_dir, repeats=False, console=quiet())
+    result = build_report(study_dir, console=quiet())
     assert result.importances == {}
     assert any("no searched parameter varies" in n for n in result.notes)
     assert result.configs[0]["runs"] == 2
@@ -453,9 +451,10 @@ def fake_summary(run_dir: Path, nelbo: float) -> dict[str, Any]:
     }
 
 
-def test_repeats_run_the_missing_seed_once_and_reuse_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def repeat_study(tmp_path: Path, seeds: list[int]) -> tuple[Path, optuna.Study]:
+    """Three trials on the recipe's seed; the space asks for the best two configurations on ``seeds``."""
     tree = {"train.learning_rate": {"type": "categorical", "choices": [0.001, 0.01, 0.1]}}
-    space = write_space(tmp_path, "rep", tree, repeats={"top_k": 1, "seeds": [7]})
+    space = write_space(tmp_path, "rep", tree, repeats={"top_k": 2, "seeds": seeds})
     study_dir, study = make_study(tmp_path, space)
     dists = {"train.learning_rate": LR}
     for lr, nelbo in ((0.01, 90.0), (0.1, 95.0)):
@@ -463,45 +462,75 @@ def test_repeats_run_the_missing_seed_once_and_reuse_it(tmp_path: Path, monkeypa
         add(study, TrialState.COMPLETE, values, outcome("completed", values, nelbo=nelbo), dists, nelbo)
     values = {"train.learning_rate": 0.001}
     add(study, TrialState.FAIL, values, outcome("diverged", values, diverged_step=2), dists)
+    return study_dir, study
 
-    calls: list[tuple[dict[str, Any], Path]] = []
 
-    def fake_run_trial(
-        space_: Space, values_: dict[str, Any], run_dir: Path, *args: Any, **kwargs: Any
-    ) -> TrialOutcome:
-        calls.append((dict(values_), run_dir))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        data = fake_summary(run_dir, 93.0)
-        (run_dir / "summary.json").write_text(json.dumps(data))
-        return outcome_from_summary(space_, SimpleNamespace(**data), values_, 1.5)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(report_module, "run_trial", fake_run_trial)
-
-    # repeats=False only reads what exists: nothing is trained yet.
-    dry = build_report(study_dir, repeats=False, console=quiet())
-    assert calls == [] and all(r["source"] == "study" for r in dry.rows)
-    assert any("1 repeat run(s) missing" in n for n in dry.notes)
+def test_report_lists_missing_repeats_with_the_command_and_reads_finished_ones(tmp_path: Path) -> None:
+    study_dir, _study = repeat_study(tmp_path, [7, 8])
+    best, second = config_id({"train.learning_rate": 0.01}), config_id({"train.learning_rate": 0.1})
 
     console = quiet()
-    first = build_report(study_dir, console=console)
-    cid = config_id({"train.learning_rate": 0.01})
-    assert len(calls) == 1
-    values_called, run_dir = calls[0]
-    assert values_called["train.seed"] == 7 and values_called["train.learning_rate"] == 0.01
-    assert run_dir == study_dir / "repeats" / cid / "seed_7"
-    repeat_rows = [r for r in first.rows if r["source"] == "repeat"]
-    assert len(repeat_rows) == 1 and repeat_rows[0]["objectives"] == {"nelbo": 93.0}
-    assert repeat_rows[0]["seed"] == 7 and repeat_rows[0]["config_id"] == cid
-    assert [r["trial"] for r in first.rows] == [0, None, 1, 2]  # 90, repeat 93, 95, diverged
-    (config,) = first.configs
-    assert config["config_id"] == cid and config["runs"] == 2 and config["repeat_runs"] == 1
-    assert config["mean"] == pytest.approx(91.5) and config["std"] == pytest.approx(statistics.stdev([90.0, 93.0]))
-    assert "repeats" in printed(console) and "rep s7" in printed(console)
+    before = build_report(study_dir, console=console)
+    out = printed(console)
+    assert all(r["source"] == "study" for r in before.rows)
+    assert not (study_dir / "repeats").exists()  # nothing was trained, nothing was started
+    assert "Seed repeats missing: 4 run(s) of 2 configuration(s)" in out
+    assert f"config {best} (trial 0) lacks 2 seed(s): 7, 8" in out
+    assert f"config {second} (trial 1) lacks 2 seed(s): 7, 8" in out
+    assert f"run them with: nvae-search repeat {study_dir}" in out
+    assert [(j.config, j.seed) for j in before.missing_repeats] == [(best, 7), (best, 8), (second, 7), (second, 8)]
 
-    second = build_report(study_dir, console=quiet())
-    assert len(calls) == 1  # the summary.json of the first repeat is reused
-    assert [r for r in second.rows if r["source"] == "repeat"] == repeat_rows
-    assert second.configs == first.configs
+    # Three repeat runs as `repeat` leaves them: two finished, one stopped by a signal (resumable, not counted).
+    for cid, seed, nelbo, status in (
+        (best, 7, 93.0, "completed"),
+        (best, 8, 91.0, "completed"),
+        (second, 7, 0, "stopped"),
+    ):
+        run_dir = study_dir / "repeats" / cid / f"seed_{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({**fake_summary(run_dir, nelbo), "status": status}))
+    console = quiet()
+    after = build_report(study_dir, console=console)
+    out = printed(console)
+    repeat_rows = [r for r in after.rows if r["source"] == "repeat"]
+    assert [(r["config_id"], r["seed"], r["objectives"]) for r in repeat_rows] == [
+        (best, 8, {"nelbo": 91.0}),
+        (best, 7, {"nelbo": 93.0}),
+    ]
+    assert [r["trial"] for r in after.rows] == [0, None, None, 1, 2]  # 90, repeats 91 and 93, 95, diverged
+    (config,) = after.configs
+    assert config["config_id"] == best and config["runs"] == 3 and config["repeat_runs"] == 2
+    assert config["mean"] == pytest.approx(statistics.fmean([90.0, 91.0, 93.0]))
+    assert "rep s7" in out and "rep s8" in out
+    assert "Seed repeats missing: 2 run(s) of 1 configuration(s)" in out
+    assert f"config {second} (trial 1) lacks 2 seed(s): 7, 8 (1 started, not finished)" in out
+    assert f"config {best}" not in out.split("Seed repeats missing")[1]
+    saved = json.loads((study_dir / "report" / "leaderboard.json").read_text())
+    assert saved == after.rows
+
+
+def test_report_without_repeats_configured_says_nothing_about_them(mixed_study: Path) -> None:
+    console = quiet()
+    result = build_report(mixed_study, console=console)
+    assert result.missing_repeats == [] and "Seed repeats missing" not in printed(console)
+
+
+def test_report_imports_no_training_code(tmp_path: Path) -> None:
+    """`report` must only read: with repeats missing it imports neither torch, nor training, nor `repeat`."""
+    study_dir, _study = repeat_study(tmp_path, [7])
+    code = (
+        "import sys\n"
+        "from rich.console import Console\n"
+        "from nvae_search.report import build_report\n"
+        f"r = build_report({str(study_dir)!r}, console=Console(quiet=True))\n"
+        "assert len(r.missing_repeats) == 2, r.missing_repeats\n"
+        "training = ('torch', 'nvae_search.train', 'nvae_search.search.repeats', 'ray')\n"
+        "loaded = [m for m in training if m in sys.modules]\n"
+        "print('LOADED', loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout, done.stdout
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -513,14 +542,22 @@ def test_end_to_end_two_tiny_trials(tmp_path: Path, torch_single_thread: None) -
     space = write_space(tmp_path, "e2e", tree, steps=10)
     study_dir = run_optuna_search(space, n_trials=2, root=tmp_path / "runs")
     console = quiet()
-    result = build_report(study_dir, repeats=False, console=console)
+    result = build_report(study_dir, console=console)
     assert len(result.rows) == 2
     assert {r["trial"] for r in result.rows} == {0, 1}
     for row in result.rows:
-        assert row["status"] in ("completed", "diverged")
+        assert row["status"] == "completed", row  # 10 steps of the tiny recipe at lr <= 1e-2 must not diverge
         assert row["unit"] == "nats" and row["num_groups"] and row["params"] > 0
     out = printed(console)
     assert "Leaderboard: e2e (2 trials)" in out and "learning_rate" in out
     for name in ("history.png", "params.png", "stability.png"):
         assert_png(study_dir / "report" / name)
     assert (study_dir / "report" / "leaderboard.csv").is_file()
+    # budget.keep_checkpoints defaults to best with one trial kept: only the best trial still has its checkpoint,
+    # every trial keeps its summary, metrics and resolved recipe.
+    best = result.rows[0]
+    assert sorted((study_dir / "trials").glob("*/checkpoint.pt")) == [Path(best["run_dir"]) / "checkpoint.pt"]
+    for run_dir in (study_dir / "trials").iterdir():
+        assert {"summary.json", "metrics.jsonl", "recipe.resolved.yaml", "params.json"} <= {
+            p.name for p in run_dir.iterdir()
+        }

@@ -55,8 +55,10 @@ def test_three_trial_search_records_outcomes(tmp_path: Path) -> None:
             json.loads((run_dir / "params.json").read_text())["train.learning_rate"]
             == trial.params["train.learning_rate"]
         )
-        for name in ("recipe.resolved.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        for name in ("recipe.resolved.yaml", "metrics.jsonl", "summary.json"):
             assert (run_dir / name).is_file()
+        # budget.keep_checkpoints defaults to best, one trial: only the best trial keeps its checkpoint.
+        assert (run_dir / "checkpoint.pt").is_file() == (trial.number == study.best_trial.number)
     assert (study_dir / "space.yaml").is_file()
     # Running the same search again continues the study: nothing is re-run or counted twice.
     run_optuna_search(load_space(space.source), root=tmp_path / "runs")

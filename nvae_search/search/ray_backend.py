@@ -260,6 +260,8 @@ def _searcher_class() -> type:
                 return
             import optuna
 
+            from .retention import after_ray_trial as _after_trial
+
             ot_trial = self._ot_trials[trial_id]
             try:
                 state, values, attrs = _decide(result, error, self._last_results.get(trial_id, {}))
@@ -270,6 +272,7 @@ def _searcher_class() -> type:
                 for key, value in attrs.items():
                     ot_trial.set_user_attr(key, _plain(value))
                 self._ot_study.tell(ot_trial, values, state=state)
+                _after_trial(self._ot_study, self._space, attrs.get("run_dir"))  # budget.keep_checkpoints
             except Exception:  # never leave the Optuna trial RUNNING
                 logger.exception("could not tell Optuna the outcome of Ray trial %s; marking it FAIL", trial_id)
                 try:

@@ -327,7 +327,9 @@ def run_optuna_search(
     if remaining <= 0:
         return study_dir
     timeout = space.study.timeout_minutes * 60 if space.study.timeout_minutes else None
-    callbacks = [on_trial] if on_trial else None
+    from .retention import checkpoint_callback  # budget.keep_checkpoints, after every trial
+
+    callbacks = [checkpoint_callback(space, study_dir), *([on_trial] if on_trial else [])]
     study.optimize(
         make_objective(space, study_dir),
         n_trials=remaining,
