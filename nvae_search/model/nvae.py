@@ -286,9 +286,15 @@ class NVAE(nn.Module):
         return -log_prob.sum(dim=dims)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
-        """Draw n images at temperature t (prior σ scaled by t), returned in [0, 1]."""
-        return self.sample_output(n, temperature, device).mean_or_sample(temperature)  # type: ignore[attr-defined]
+    def sample(
+        self, n: int, temperature: float = 1.0, device: torch.device | None = None, *, pixel_temperature: float = 1.0
+    ) -> torch.Tensor:
+        """Draw n images at temperature t (prior σ scaled by t), returned in [0, 1].
+
+        Pixels are drawn from the output distribution at ``pixel_temperature``: 1 by default, as the paper's
+        sampling script does; pass t to also scale the pixel-level mixture logits and noise.
+        """
+        return self.sample_output(n, temperature, device).mean_or_sample(pixel_temperature)  # type: ignore[attr-defined]
 
     def sample_output(self, n: int, temperature: float = 1.0, device: torch.device | None = None) -> _Sampled:
         device = device or next(self.parameters()).device
