@@ -470,6 +470,21 @@ class TrainConfig(_Strict):
     eval_images: int | None = Field(1000, ge=1, description="Test images of the end-of-run evaluation (null = all).")
     progress: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_batch(cls, data: Any) -> Any:
+        # With a global batch, batch_size mirrors it (the batch of a single process), so that a resolved recipe
+        # reloads; a different batch_size would be silently ignored, so it is refused.
+        if not isinstance(data, dict) or data.get("global_batch_size") is None:
+            return data
+        glob, per = data["global_batch_size"], data.get("batch_size")
+        if per is not None and per != glob:
+            raise ValueError(
+                f"train.batch_size ({per}) and train.global_batch_size ({glob}) are both set: give the global batch "
+                "alone (each process takes global / processes), or set global_batch_size to null"
+            )
+        return {**data, "batch_size": glob}
+
     @model_validator(mode="after")
     def _budget(self) -> TrainConfig:
         if self.learning_rate_min > self.learning_rate:

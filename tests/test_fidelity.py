@@ -160,7 +160,7 @@ def test_paper_recipes_state_the_paper_global_batch_and_warn_otherwise() -> None
 def test_trainer_uses_global_batch_over_world(tmp_path: Path) -> None:
     from nvae_search.train import Trainer
 
-    recipe = load_recipe(TINY, {"train.global_batch_size": 16, "data.limit_train": 64})
+    recipe = load_recipe(TINY, {"train.global_batch_size": 16, "train.batch_size": None, "data.limit_train": 64})
     trainer = Trainer(recipe, tmp_path, torch.device("cpu"), None)
     assert trainer.batch == 16 and trainer.iters_per_epoch == 4
     assert next(trainer._batches()).shape[0] == 16
@@ -176,7 +176,7 @@ def test_validate_workers_shows_the_per_process_batch() -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert (summary["batch_per_process"], summary["global_batch"], summary["batch_warning"]) == (32, 256, None)
-    bad = runner.invoke(app, ["validate", "recipes/paper/cifar10.yaml", "--workers", "3"])
+    bad = runner.invoke(app, ["validate", "recipes/paper/cifar10.yaml", "--workers", "3"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2
     assert "train.global_batch_size" in bad.output and "256" in bad.output and "3 processes" in bad.output
 
@@ -229,3 +229,24 @@ def test_sample_command_defaults_come_from_the_recipe_eval_section(tmp_path: Pat
     torch.manual_seed(0)
     assert grid == Image.open(sample_run(run, n=6, temperature=0.55, readjust_bn=0, out=tmp_path / "b.png")).size
     assert grid != Image.open(sample_run(run, n=1, out=tmp_path / "c.png")).size
+
+
+def test_a_per_process_batch_next_to_a_global_batch_is_refused() -> None:
+    from nvae_search.config_io import ConfigError
+
+    paper = ROOT / "recipes/paper/cifar10.yaml"
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        load_recipe(paper, {"train.batch_size": 16})
+    assert load_recipe(paper, {"train.global_batch_size": 64}).train.batch_size == 64
+    per_process = load_recipe(paper, {"train.global_batch_size": None, "train.batch_size": 16}).train
+    assert per_process.per_process_batch(2) == 16
+
+
+def test_train_refuses_a_global_batch_the_workers_do_not_divide() -> None:
+    from typer.testing import CliRunner
+
+    from nvae_search.cli import app
+
+    result = CliRunner().invoke(app, ["train", "recipes/paper/cifar10.yaml", "--workers", "3"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "256 is not divisible by the 3 processes" in " ".join(result.output.split())
