@@ -250,3 +250,8 @@ def test_train_refuses_a_global_batch_the_workers_do_not_divide() -> None:
     result = CliRunner().invoke(app, ["train", "recipes/paper/cifar10.yaml", "--workers", "3"], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "256 is not divisible by the 3 processes" in " ".join(result.output.split())
+
+
+def test_paper_recipes_readjust_batch_norm_before_sampling_as_the_official_script() -> None:
+    for path in sorted((ROOT / "recipes/paper").glob("*.yaml")):
+        assert load_recipe(path).eval.readjust_bn_steps == 500, path.name
