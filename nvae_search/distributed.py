@@ -12,6 +12,9 @@ rank so they all stop at the same step. The Ray backend uses this to call ``ray.
 own process. Workers die with the process that spawned them (``PR_SET_PDEATHSIG`` on Linux), so a killed search
 or a pruned Ray trial leaves no orphan trainers behind.
 
+Launched by ``torchrun`` instead (``torchrun --nproc-per-node N -m nvae_search train RECIPE``, any ``--nnodes``), each
+process is already a rank: :func:`train_under_torchrun` joins torch's env:// process group and trains the same way.
+
 Not in the search's module graph unless asked for: the Ray backend imports it only for ``workers_per_trial > 1``.
 """
 
