@@ -172,13 +172,14 @@ def test_validate_workers_shows_the_per_process_batch() -> None:
     from nvae_search.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["validate", "recipes/paper/cifar10.yaml", "--workers", "8", "--json"])
+    tiny = ["validate", str(TINY), "--set", "train.global_batch_size=16", "--set", "train.batch_size=null"]
+    result = runner.invoke(app, [*tiny, "--workers", "8", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert (summary["batch_per_process"], summary["global_batch"], summary["batch_warning"]) == (32, 256, None)
-    bad = runner.invoke(app, ["validate", "recipes/paper/cifar10.yaml", "--workers", "3"], env={"COLUMNS": "200"})
+    assert (summary["batch_per_process"], summary["global_batch"], summary["batch_warning"]) == (2, 16, None)
+    bad = runner.invoke(app, [*tiny, "--workers", "3"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2
-    assert "train.global_batch_size" in bad.output and "256" in bad.output and "3 processes" in bad.output
+    assert "train.global_batch_size" in bad.output and "16 is not divisible by the 3 processes" in bad.output
 
 
 # -------------------------------------------------------------------------------------------- sampling
