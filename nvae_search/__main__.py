@@ -1,4 +1,4 @@
-"""``python -m nvae_search`` runs the command line."""
+"""``python -m nvae_search`` runs the command line (also as each rank of ``torchrun … -m nvae_search train``)."""
 
 from nvae_search.cli import main
 

@@ -37,7 +37,13 @@ def bench_train_step(recipe: Recipe, *, batch: int, steps: int, threads: int, wa
 
     torch.set_num_threads(threads)
     train_cfg = recipe.train.model_copy(
-        update={"batch_size": batch, "steps": warmup + steps, "epochs": None, "progress": False}
+        update={
+            "batch_size": batch,
+            "global_batch_size": None,
+            "steps": warmup + steps,
+            "epochs": None,
+            "progress": False,
+        }
     )
     recipe = recipe.model_copy(update={"train": train_cfg})
     with tempfile.TemporaryDirectory() as tmp:

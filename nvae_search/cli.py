@@ -119,7 +119,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_summary(recipe: Recipe, model: NVAE, source: str) -> dict[str, Any]:
+def model_summary(recipe: Recipe, model: NVAE, source: str, workers: int = 1) -> dict[str, Any]:
     """The architecture facts of one recipe, as plain JSON-able values."""
     from torch import nn
 
@@ -142,6 +142,23 @@ def model_summary(recipe: Recipe, model: NVAE, source: str) -> dict[str, Any]:
         "flow_cells": sum(isinstance(m, PairedARCell) for m in model.modules()),
         "output_distribution": cfg.output.distribution,
         "data_dims": cfg.data_dims(),
+        **batch_summary(recipe, workers, source),
+    }
+
+
+def batch_summary(recipe: Recipe, workers: int, source: str) -> dict[str, Any]:
+    """The per-process and global batch on ``workers`` processes; a global batch that does not divide is an error."""
+    from .schema import paper_batch_warning
+
+    try:
+        per_process = recipe.train.per_process_batch(workers)
+    except ValueError as exc:
+        raise ConfigError(source, [("train.global_batch_size", str(exc))]) from None
+    return {
+        "workers": workers,
+        "batch_per_process": per_process,
+        "global_batch": per_process * workers,
+        "batch_warning": paper_batch_warning(recipe, workers),
     }
 
 
@@ -165,14 +182,20 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("output distribution", summary["output_distribution"]),
         ("data dims", f"{summary['data_dims']:,}"),
     ]
+    if "batch_per_process" in summary:
+        rows.append(
+            ("batch", f"{summary['batch_per_process']} per process × {summary['workers']} = {summary['global_batch']}")
+        )
+        if summary["batch_warning"]:
+            rows.append(("warning", f"[yellow]{summary['batch_warning']}[/]"))
     for key, value in rows:
         table.add_row(key, value)
     return table
 
 
-def _summarize_file(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def _summarize_file(path: Path, overrides: dict[str, Any], workers: int = 1) -> dict[str, Any]:
     recipe = load_recipe(path, overrides=overrides)
-    return model_summary(recipe, build_or_raise(recipe, str(path)), str(path))
+    return model_summary(recipe, build_or_raise(recipe, str(path)), str(path), workers)
 
 
 @app.command()
@@ -180,6 +203,9 @@ def validate(
     recipes: Annotated[list[Path], typer.Argument(metavar="RECIPE", help="Recipe YAML files.", show_default=False)],
     json_output: JsonOption = False,
     sets: SetOption = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Processes to plan for: shows the per-process batch.")
+    ] = 1,
 ) -> None:
     """Load, validate and build each recipe, and summarise its architecture."""
     try:
@@ -189,7 +215,7 @@ def validate(
     summaries, failed = [], False
     for path in recipes:
         try:
-            summaries.append(_summarize_file(path, overrides))
+            summaries.append(_summarize_file(path, overrides, workers))
         except ConfigError as err:
             print_config_error(err)
             failed = True
@@ -577,6 +603,9 @@ def run_summary_table(summary: dict[str, Any]) -> Table:
             f"{summary['active_groups']} of {summary['num_groups']} (units per group: {summary['active_units']})",
         ),
     ]
+    if summary.get("precision"):  # numerics.precision as resolved on the device (auto → fp16 on CUDA, else fp32)
+        rows.append(("precision / global batch", f"{summary['precision']} / {summary.get('global_batch', '-')}"))
+    rows += [("warning", f"[yellow]{w}[/]") for w in summary.get("warnings", [])]
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -594,8 +623,18 @@ def train(
     """Train a recipe with the paper's objective; writes a run directory and prints its summary."""
     loaded = load_or_fail(recipe, sets)
     run_dir = out or Path("runs") / loaded.name
+    from .distributed import batch_problem, launched_by_torchrun, torchrun_world_size, train_under_torchrun
+
+    problem = batch_problem(loaded, torchrun_world_size() or workers)
+    if problem or (workers > 1 and launched_by_torchrun()):
+        where = "train.global_batch_size" if problem else "--workers"
+        fail_config(ConfigError(str(recipe), [(where, problem or "under torchrun the ranks come from torchrun")]))
     try:
-        if workers > 1:
+        if launched_by_torchrun():
+            rank, result = train_under_torchrun(loaded, run_dir, resume=resume, device=device)
+            if rank != 0:  # rank 0 prints the summary
+                raise typer.Exit(3 if result.status == "diverged" else 0)
+        elif workers > 1:
             from .distributed import train_data_parallel
 
             result = train_data_parallel(loaded, run_dir, workers=workers, resume=resume)
@@ -663,9 +702,24 @@ def eval_command(
 @app.command()
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `train`.", show_default=False)],
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Prior σ scale.")] = 0.7,
-    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 64,
-    readjust_bn: Annotated[int, typer.Option("--readjust-bn", min=0, help="Re-estimate BN on N sample batches.")] = 0,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", "-t", min=0.0, help="Prior σ scale [default: eval.temperature].")
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="Number of images [default: eval.num_samples].")] = None,
+    readjust_bn: Annotated[
+        int | None,
+        typer.Option(
+            "--readjust-bn", min=0, help="Re-estimate BN on N sample batches [default: eval.readjust_bn_steps]."
+        ),
+    ] = None,
+    scale_pixels: Annotated[
+        bool,
+        typer.Option(
+            "--scale-pixels/--no-scale-pixels",
+            help="Also apply the temperature to the pixel-level distribution (mixture logits and noise). Default: "
+            "off, pixels drawn at temperature 1 as the paper's sampling script does.",
+        ),
+    ] = False,
     out: Annotated[Path | None, typer.Option("--out", help="PNG path (default: inside the run).")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
@@ -674,7 +728,9 @@ def sample(
     from .runs import sample_run
 
     run = _load_run_or_fail(run_dir, device)
-    path = sample_run(run, n=n, temperature=temperature, readjust_bn=readjust_bn, out=out, seed=seed)
+    path = sample_run(
+        run, n=n, temperature=temperature, readjust_bn=readjust_bn, out=out, seed=seed, scale_pixels=scale_pixels
+    )
     _console().print(f"wrote {path}")
 
 

@@ -12,6 +12,9 @@ rank so they all stop at the same step. The Ray backend uses this to call ``ray.
 own process. Workers die with the process that spawned them (``PR_SET_PDEATHSIG`` on Linux), so a killed search
 or a pruned Ray trial leaves no orphan trainers behind.
 
+Launched by ``torchrun`` instead (``torchrun --nproc-per-node N -m nvae_search train RECIPE``, any ``--nnodes``), each
+process is already a rank: :func:`train_under_torchrun` joins torch's env:// process group and trains the same way.
+
 Not in the search's module graph unless asked for: the Ray backend imports it only for ``workers_per_trial > 1``.
 """
 
@@ -33,7 +36,15 @@ if TYPE_CHECKING:
     from .schema import Recipe
     from .train import RunSummary
 
-__all__ = ["default_backend", "free_port", "train_data_parallel"]
+__all__ = [
+    "batch_problem",
+    "default_backend",
+    "free_port",
+    "launched_by_torchrun",
+    "torchrun_world_size",
+    "train_data_parallel",
+    "train_under_torchrun",
+]
 
 OnReport = Callable[[int, dict[str, Any]], bool]
 _POLL_S = 0.2
@@ -268,3 +279,64 @@ def _shut_down(processes: list[Any], grace_s: float) -> None:
         if p.is_alive():
             p.kill()
             p.join()
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+# torchrun (torch.distributed.run) starts every rank itself and describes it in these variables; a process that
+# finds them trains as that rank instead of spawning workers (one node or several, with --nnodes and a rendezvous).
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a rank started by torchrun (or any launcher setting torch's env:// variables)."""
+    return all(name in os.environ for name in _TORCHRUN_VARS)
+
+
+def torchrun_world_size() -> int | None:
+    """WORLD_SIZE of a torchrun launch, else None."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else None
+
+
+def batch_problem(recipe: Recipe, world: int) -> str | None:
+    """Why ``recipe`` cannot run on ``world`` processes (its global batch does not divide), else None."""
+    try:
+        recipe.train.per_process_batch(world)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def train_under_torchrun(
+    recipe: Recipe, out_dir: str | os.PathLike[str], *, resume: bool = False, device: str | None = None
+) -> tuple[int, RunSummary]:
+    """Train as the rank torchrun describes: join its process group (env://), train, leave; (rank, summary).
+
+    The backend is nccl when CUDA is available (each rank on the device LOCAL_RANK), else gloo. Checkpoints,
+    budgets and resume are the trainer's, exactly as with ``--workers``: every rank reads the same run directory
+    (on a shared file system for several nodes) and rank 0 writes it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from .runtime import tune_allocator
+    from .train import train
+
+    tune_allocator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    backend = "nccl" if use_cuda else "gloo"
+    target = torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it to 1 itself; otherwise share the cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
+    dist.init_process_group(backend, init_method="env://")
+    try:
+        rank = dist.get_rank()
+        summary = train(recipe, out_dir, resume=resume, device=target)
+        return rank, summary
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()

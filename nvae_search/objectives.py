@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model.flows import ARConv2d
-from .model.ops import BatchNorm, Conv2D
+from .model.ops import Conv2D, is_batch_norm
 
 NORMALIZE_EPS = 1e-3
 
@@ -118,8 +118,8 @@ class SpectralRegularizer(nn.Module):
 
 
 def bn_regularization(model: nn.Module) -> torch.Tensor:
-    """Σ over affine batch norms of max_c |γ_c|."""
-    terms = [m.weight.abs().max() for m in model.modules() if isinstance(m, BatchNorm) and m.affine]
+    """Σ over affine batch norms of max_c |γ_c|: any torch batch-norm class, so SyncBatchNorm counts too."""
+    terms = [m.weight.abs().max() for m in model.modules() if is_batch_norm(m) and m.affine]
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()

@@ -107,18 +107,28 @@ def readjust_batch_norm(model: NVAE, steps: int, temperature: float, batch: int 
 def sample_run(
     run: LoadedRun,
     *,
-    n: int,
-    temperature: float,
-    readjust_bn: int = 0,
+    n: int | None = None,
+    temperature: float | None = None,
+    readjust_bn: int | None = None,
     out: str | os.PathLike[str] | None = None,
     seed: int | None = None,
+    scale_pixels: bool = False,
 ) -> Path:
-    """Write an n-image PNG grid drawn at this temperature and return its path."""
+    """Write an n-image PNG grid drawn at this temperature and return its path.
+
+    Unset options come from the recipe's ``eval`` section (num_samples, temperature, readjust_bn_steps). Pixels are
+    drawn at temperature 1 (the paper's sampling script) unless ``scale_pixels`` also applies t to them.
+    """
+    defaults = run.recipe.eval
+    n = defaults.num_samples if n is None else n
+    temperature = defaults.temperature if temperature is None else temperature
+    readjust_bn = defaults.readjust_bn_steps if readjust_bn is None else readjust_bn
     if seed is not None:
         torch.manual_seed(seed)
     if readjust_bn:
         readjust_batch_norm(run.model, readjust_bn, temperature)
-    images = run.model.sample(n, temperature, run.device)
+    pixel_temperature = temperature if scale_pixels else 1.0
+    images = run.model.sample(n, temperature, run.device, pixel_temperature=pixel_temperature)
     path = Path(out) if out else run.run_dir / f"samples_t{temperature:g}_step{run.step}.png"
     save_png(make_grid(images), path)
     return path

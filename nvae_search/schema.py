@@ -16,6 +16,7 @@ from .config_io import ConfigError, dump_yaml, pydantic_problems, read_yaml_file
 __all__ = [
     "ARCH_PRESETS",
     "CELL_ROLES",
+    "PAPER_GLOBAL_BATCH",
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
@@ -23,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "dump_recipe",
     "load_recipe",
+    "paper_batch_warning",
     "recipe_from_dict",
     "recipe_json_schema",
 ]
@@ -211,8 +213,16 @@ class LossConfig(_Strict):
 
 
 class NumericsConfig(_Strict):
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="auto = the official setting: fp16 with a gradient scaler (2^10) on CUDA, fp32 on CPU."
+    )
     checkpointing: Literal["off", "cell"] = "off"
+
+    def resolved_precision(self, device_type: str) -> Literal["fp32", "bf16", "fp16"]:
+        """The precision a run on this device type uses (``auto`` resolved; the recipe itself keeps ``auto``)."""
+        if self.precision == "auto":
+            return "fp16" if device_type == "cuda" else "fp32"
+        return self.precision
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -388,6 +398,23 @@ class DataConfig(_Strict):
     train_images: str = Field("train-images-idx3-ubyte.gz", description="IDX image file for training (dataset idx).")
     test_images: str = Field("t10k-images-idx3-ubyte.gz", description="IDX image file for evaluation (dataset idx).")
     valid_fraction: float = Field(0.0, ge=0, lt=1, description="Image folders: fraction held out for evaluation.")
+    hflip: bool = Field(False, description="Random horizontal flip (p = 0.5) of training images; never at evaluation.")
+    crop_box: tuple[int, int, int, int] | None = Field(
+        None,
+        description="Image folders: (left, top, width, height) cropped before resizing, in pixels of an image "
+        "crop_box_width wide, scaled to each image's width (CelebA 64: [15, 40, 148, 148] on 178).",
+    )
+    crop_box_width: int | None = Field(None, ge=1, description="Width the crop_box is given for (null: as is).")
+    resize_filter: Literal["bicubic", "bilinear"] = Field(
+        "bicubic", description="Image folders: PIL filter of the resize (the official CelebA 64 uses bilinear)."
+    )
+    partition: Literal["auto", "folders", "celeba", "permutation"] = Field(
+        "auto",
+        description="Image folders: how train and evaluation images are split. auto = train/ and valid/ folders "
+        "when both exist, else the sorted tail (valid_fraction); folders = those folders, required; celeba = "
+        "list_eval_partition.txt (train 0, evaluation = validation 1) when present, else auto; permutation = a "
+        "seeded permutation saved beside the data and reused, its last valid_fraction held out (FFHQ).",
+    )
     limit_train: int | None = Field(None, ge=1, description="Use only the first N training images.")
     limit_eval: int | None = Field(None, ge=1, description="Use only the first N evaluation images.")
     num_workers: int = Field(0, ge=0, le=64)
@@ -396,6 +423,12 @@ class DataConfig(_Strict):
     def _root_needed(self) -> DataConfig:
         if self.dataset in ("binarized_mnist", "idx", "cifar10", "image_folder") and not self.root:
             raise ValueError(f"dataset '{self.dataset}' needs data.root (the folder holding its files)")
+        if self.crop_box is not None and self.center_crop is not None:
+            raise ValueError("set either data.crop_box or data.center_crop, not both")
+        if self.crop_box is not None and min(self.crop_box[2:]) < 1:
+            raise ValueError(f"data.crop_box {list(self.crop_box)}: width and height must be positive")
+        if self.partition == "permutation" and self.valid_fraction == 0:
+            raise ValueError("data.partition 'permutation' holds out valid_fraction of the images: set it above 0")
         return self
 
 
@@ -403,6 +436,9 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     seed: int = 1
     batch_size: int = Field(200, ge=1, description="Per process; the global batch is batch_size × world size.")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="When set: images per step over all processes; each takes global / world size."
+    )
     epochs: int | None = Field(None, ge=1, description="Budget in epochs (the default when nothing is set: 200).")
     steps: int | None = Field(None, ge=1, description="Budget in optimizer steps.")
     minutes: float | None = Field(
@@ -434,6 +470,21 @@ class TrainConfig(_Strict):
     eval_images: int | None = Field(1000, ge=1, description="Test images of the end-of-run evaluation (null = all).")
     progress: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_batch(cls, data: Any) -> Any:
+        # With a global batch, batch_size mirrors it (the batch of a single process), so that a resolved recipe
+        # reloads; a different batch_size would be silently ignored, so it is refused.
+        if not isinstance(data, dict) or data.get("global_batch_size") is None:
+            return data
+        glob, per = data["global_batch_size"], data.get("batch_size")
+        if per is not None and per != glob:
+            raise ValueError(
+                f"train.batch_size ({per}) and train.global_batch_size ({glob}) are both set: give the global batch "
+                "alone (each process takes global / processes), or set global_batch_size to null"
+            )
+        return {**data, "batch_size": glob}
+
     @model_validator(mode="after")
     def _budget(self) -> TrainConfig:
         if self.learning_rate_min > self.learning_rate:
@@ -441,6 +492,41 @@ class TrainConfig(_Strict):
         if self.epochs is not None and self.steps is not None:
             raise ValueError("set either train.epochs or train.steps, not both (minutes may be combined with either)")
         return self
+
+    def per_process_batch(self, world: int) -> int:
+        """The batch of one process among ``world``: global_batch_size / world when set, else batch_size."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        if self.global_batch_size % world:
+            raise ValueError(
+                f"train.global_batch_size {self.global_batch_size} is not divisible by the {world} processes"
+            )
+        return self.global_batch_size // world
+
+
+# The paper's global batch per paper recipe (NVAE_SPEC §3-4: per-GPU batch × GPUs of the README commands).
+PAPER_GLOBAL_BATCH: dict[str, int] = {
+    "paper-mnist": 400,
+    "paper-cifar10": 256,
+    "paper-celeba64": 128,
+    "paper-imagenet32": 576,
+    "paper-celebahq256": 96,
+    "paper-ffhq256": 96,
+}
+
+
+def paper_batch_warning(recipe: Recipe, world: int) -> str | None:
+    """A warning when a paper recipe runs at a global batch other than the paper's, else None."""
+    paper = PAPER_GLOBAL_BATCH.get(recipe.name)
+    if paper is None:
+        return None
+    actual = recipe.train.per_process_batch(world) * world
+    if actual == paper:
+        return None
+    return (
+        f"{recipe.name} runs at a global batch of {actual} ({world} process(es)); the paper trained at {paper}: "
+        "results and schedules may differ from the paper's"
+    )
 
 
 class EvalConfig(_Strict):

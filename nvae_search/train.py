@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config_io import atomic_write_text
-from .data import build_dataset, needs_binarize, prepare_batch
+from .data import build_dataset, needs_binarize, prepare_batch, random_hflip
 from .evaluate import evaluate, to_unit, unit_for
 from .images import make_grid
 from .model.builder import build_model
@@ -41,7 +42,7 @@ from .objectives import (
     kl_coefficient,
     spectral_lambda,
 )
-from .schema import Recipe, dump_recipe, recipe_to_dict
+from .schema import Recipe, dump_recipe, paper_batch_warning, recipe_to_dict
 from .telemetry import StabilityTracker, active_units, gradient_norm
 
 Reporter = Callable[[int, dict[str, float]], bool]
@@ -91,6 +92,9 @@ class RunSummary:
     num_groups: int = 0
     eval: dict[str, Any] | None = None
     out_dir: str = ""
+    precision: str = ""  # what numerics.precision resolved to on this device (``auto`` → fp16 or fp32)
+    global_batch: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,7 +194,12 @@ class Trainer:
             recipe.data, split="train", resolution=recipe.model.resolution, channels=recipe.model.input_channels
         )
         self.binarize = needs_binarize(recipe.data)
-        global_batch = self.cfg.batch_size * self.world
+        self.batch = self.cfg.per_process_batch(self.world)  # global_batch_size / world when the recipe sets it
+        global_batch = self.batch * self.world
+        self.warnings = [w for w in [paper_batch_warning(recipe, self.world)] if w]
+        if self.main:
+            for warning in self.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
         self.iters_per_epoch = max(1, len(self.train_set) // global_batch)
         if self.iters_per_epoch * global_batch > len(self.train_set):
             raise ValueError("the training set is smaller than one global batch")
@@ -207,7 +216,7 @@ class Trainer:
         self.spectral = SpectralRegularizer(self.model, loss_cfg.spectral_power_iters).to(device)
         groups_dec = list(reversed(recipe.model.groups_per_scale()))
         self.alpha = kl_balance_alpha(groups_dec, loss_cfg.kl_balance_rule).to(device) if loss_cfg.kl_balance else None
-        precision = recipe.model.numerics.precision
+        precision = self.precision = recipe.model.numerics.resolved_precision(device.type)
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("model.numerics.precision fp16 needs a CUDA device (it uses a gradient scaler); use bf16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -344,7 +353,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------- data
     def _batches(self) -> Iterator[torch.Tensor]:
         """Batches from the current step on. The order depends only on (seed, epoch), so resuming is exact."""
-        global_batch = self.cfg.batch_size * self.world
+        global_batch = self.batch * self.world
         while True:
             epoch, offset = divmod(self.step, self.iters_per_epoch)
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -364,6 +373,11 @@ class Trainer:
         return prepare_batch(
             x.to(self.device, non_blocking=True), binarize=self.binarize, num_bits=self.recipe.model.output.num_x_bits
         )
+
+    def training_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """``prepare`` plus the training-only augmentation: the random horizontal flip of ``data.hflip``."""
+        x = self.prepare(x)
+        return random_hflip(x) if self.recipe.data.hflip else x
 
     # ----------------------------------------------------------------------------------- one step
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -566,7 +580,7 @@ class Trainer:
             while not self._budget_reached():
                 if self._any_rank(self.stop.reason is not None):
                     return "stopped", self.stop.reason or "interrupted on another rank", None
-                x = self.prepare(next(batches))
+                x = self.training_batch(next(batches))
                 t0 = time.perf_counter()
                 divergence, info = self.train_step(x)
                 dt = time.perf_counter() - t0
@@ -629,6 +643,9 @@ class Trainer:
             num_groups=sum(self.recipe.model.groups_per_scale()),
             eval=eval_result,
             out_dir=str(self.out_dir),
+            precision=self.precision,
+            global_batch=self.batch * self.world,
+            warnings=self.warnings,
         )
         if self.main:
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary.to_dict(), indent=2))

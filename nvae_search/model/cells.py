@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .ops import Conv2D, FactorizedReduce, NormSpec, OpSpec, SqueezeExcite, UpSkip, make_op, recomputing
+from .ops import Conv2D, FactorizedReduce, NormSpec, OpSpec, SqueezeExcite, UpSkip, frozen_running_stats, make_op
 
 RESIDUAL_SCALE = 0.1
 
 
-def _recompute_context() -> tuple[object, object]:
-    """Checkpoint contexts: nothing special in the forward pass; BN leaves its statistics alone in the recompute."""
-    return contextlib.nullcontext(), recomputing()
+def _recompute_context(cell: nn.Module) -> tuple[object, object]:
+    """Checkpoint contexts: nothing special in the forward pass; BN statistics are put back after the recompute."""
+    return contextlib.nullcontext(), frozen_running_stats(cell)
 
 
 class Cell(nn.Module):
@@ -61,7 +62,9 @@ class Cell(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._residual, x, use_reentrant=False, context_fn=_recompute_context)
+            return checkpoint(
+                self._residual, x, use_reentrant=False, context_fn=functools.partial(_recompute_context, self)
+            )
         return self._residual(x)
 
 

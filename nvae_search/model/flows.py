@@ -6,6 +6,8 @@ channel-minor), so the log-determinant is zero. ``mirror`` reverses the spatial 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,7 +67,8 @@ class ARConv2d(nn.Conv2d):
             "mask", autoregressive_mask(c_in, c_out, kernel, groups, zero_diag, mirror), persistent=False
         )
         init = (self.weight.detach() * self.mask).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        self.log_weight_norm = nn.Parameter(torch.log(weight_init_coeff * init + 1e-2))
+        # The official gain: log(‖W⊙M‖ + 0.01) + log(coeff), i.e. the coefficient scales the +0.01 as well.
+        self.log_weight_norm = nn.Parameter(torch.log(init + 1e-2) + math.log(weight_init_coeff))
         self.cache_weight = True
         self.weight_cache: tuple[torch.Tensor, int] | None = None
 

@@ -14,7 +14,7 @@ from torch import nn
 from .cells import Cell, DecCombiner, EncCombiner
 from .distributions import LatentNormal, OutputDistribution, make_output, output_channels
 from .flows import PairedARCell
-from .ops import BatchNorm, Conv2D, NormSpec, OpSpec
+from .ops import Conv2D, NormSpec, OpSpec, is_batch_norm
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,8 @@ class NVAE(nn.Module):
         a, p = self.arch, self.arch.num_preprocess_blocks
         tower: list[nn.Module] = []
         combiners: list[nn.Module] = []
+        if a.vanilla:  # one scale, one group: the official builds no encoder tower (z comes from the pre-process)
+            return nn.ModuleList(), nn.ModuleList()
         for s, groups in enumerate(a.groups_per_scale):
             c_enc, c_dec = a.widths_enc[p + s], a.widths_dec[p + s]
             for g in range(groups):
@@ -284,9 +286,15 @@ class NVAE(nn.Module):
         return -log_prob.sum(dim=dims)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
-        """Draw n images at temperature t (prior σ scaled by t), returned in [0, 1]."""
-        return self.sample_output(n, temperature, device).mean_or_sample(temperature)  # type: ignore[attr-defined]
+    def sample(
+        self, n: int, temperature: float = 1.0, device: torch.device | None = None, *, pixel_temperature: float = 1.0
+    ) -> torch.Tensor:
+        """Draw n images at temperature t (prior σ scaled by t), returned in [0, 1].
+
+        Pixels are drawn from the output distribution at ``pixel_temperature``: 1 by default, as the paper's
+        sampling script does; pass t to also scale the pixel-level mixture logits and noise.
+        """
+        return self.sample_output(n, temperature, device).mean_or_sample(pixel_temperature)  # type: ignore[attr-defined]
 
     def sample_output(self, n: int, temperature: float = 1.0, device: torch.device | None = None) -> _Sampled:
         device = device or next(self.parameters()).device
@@ -310,8 +318,9 @@ class NVAE(nn.Module):
     def conv_layers(self) -> list[nn.Conv2d]:
         return [m for m in self.modules() if isinstance(m, nn.Conv2d)]
 
-    def batch_norms(self) -> list[BatchNorm]:
-        return [m for m in self.modules() if isinstance(m, BatchNorm)]
+    def batch_norms(self) -> list[nn.Module]:
+        """Every batch norm, also after ``nn.SyncBatchNorm.convert_sync_batchnorm`` replaced the class."""
+        return [m for m in self.modules() if is_batch_norm(m)]
 
 
 @dataclass

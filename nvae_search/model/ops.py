@@ -44,32 +44,44 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
 }
 
-# Gradient checkpointing re-runs a cell's forward during backward; batch norm must not update its
-# running statistics a second time then. The checkpoint wrapper flips this flag while recomputing.
-_RECOMPUTING = [False]
+# Gradient checkpointing re-runs a cell's forward during backward; batch norm must not update its running statistics
+# a second time then. The guard works on any torch batch-norm class (the project's, nn.BatchNorm2d, and the
+# nn.SyncBatchNorm that convert_sync_batchnorm swaps in for multi-GPU training), so it keys on _BatchNorm.
+BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """Any torch batch norm (BatchNorm1d/2d/3d, SyncBatchNorm, subclasses)."""
+    return isinstance(module, BATCH_NORM_TYPES)
 
 
 @contextlib.contextmanager
-def recomputing() -> Iterator[None]:
-    previous = _RECOMPUTING[0]
-    _RECOMPUTING[0] = True
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Runs the body, then puts back the running statistics of every batch norm inside ``module``.
+
+    The recompute uses the real buffers (so it saves the same tensors as the first forward, which
+    torch.utils.checkpoint checks) and the values it wrote are undone afterwards.
+    """
+    saved = [
+        (bn, [buf.detach().clone() for buf in (bn.running_mean, bn.running_var, bn.num_batches_tracked)])
+        for bn in module.modules()
+        if is_batch_norm(bn)
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and bn.num_batches_tracked is not None
+    ]
     try:
         yield
     finally:
-        _RECOMPUTING[0] = previous
+        with torch.no_grad():
+            for bn, (mean, var, tracked) in saved:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(tracked)
 
 
 class BatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that leaves running statistics alone while a checkpointed cell is recomputed."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and _RECOMPUTING[0]:
-            # Throwaway copies of the running stats: the recompute must save as many tensors as the original
-            # forward did (torch.utils.checkpoint checks the count), without updating the real statistics.
-            return F.batch_norm(
-                x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True, 0.0, self.eps
-            )
-        return super().forward(x)
+    """The network's batch norm (a plain BatchNorm2d; its own class so that counts and tests can find it)."""
 
 
 def batch_norm(channels: int, norm: NormSpec) -> BatchNorm:

@@ -1,0 +1,95 @@
+"""``torchrun … -m nvae_search train RECIPE``: the ranks come from torch's launcher and its environment variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nvae_search.distributed import free_port
+from nvae_search.schema import dump_recipe, load_recipe
+from nvae_search.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
+STEPS = 4
+
+
+@pytest.fixture
+def no_latent_noise(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from nvae_search.model.distributions import LatentNormal
+
+    monkeypatch.setattr(LatentNormal, "sample", lambda self: self.mu)
+    yield
+
+
+def recipe(**overrides: Any) -> Any:
+    """As the --workers equivalence test: no batch norm, β = 1, no warm-up, no binarisation noise; a global batch of
+    8 that each of 2 ranks takes half of."""
+    return load_recipe(
+        TINY,
+        overrides={
+            "train.progress": False,
+            "model.preset": "res_elu",
+            "model.use_se": False,
+            "model.loss.kl_anneal_portion": 0.0,
+            "train.warmup_epochs": 0,
+            "data.binarize": "none",
+            "train.steps": STEPS,
+            "train.log_every": 1,
+            "train.eval_at_end": False,
+            "train.global_batch_size": 8,
+            **overrides,
+        },
+    )
+
+
+def logged(run_dir: Path) -> dict[int, dict[str, float]]:
+    return {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_two_torchrun_ranks_stop_resume_and_match_one_process_at_twice_the_batch(
+    tmp_path: Path, torch_single_thread: None, no_latent_noise: None
+) -> None:
+    single = train(recipe(), tmp_path / "single")
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(dump_recipe(recipe()))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+    def torchrun(*extra: str, **more_env: str) -> subprocess.CompletedProcess[str]:
+        command = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", "1", "--nproc-per-node", "2",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "nvae-test",
+            str(ROOT / "tests" / "torchrun_worker.py"),
+            "train", str(recipe_file), "--out", str(tmp_path / "torchrun"), *extra,
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, env={**env, **more_env}, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.stdout.count("time in steps") == 1, "rank 0 alone prints the summary"
+        return done
+
+    # A SIGTERM to rank 0 after step 2 (a scheduler's preemption) stops both ranks there with a checkpoint ...
+    torchrun(NVAE_TEST_SIGTERM_AFTER_STEP="2")
+    cut = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
+    assert (cut["status"], cut["steps"]) == ("stopped", 2), cut
+    # ... and --resume finishes the run: step for step the losses of one process at twice the batch.
+    torchrun("--resume")
+    summary = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS and summary["global_batch"] == 8
+    a, b = logged(tmp_path / "single"), logged(tmp_path / "torchrun")
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        for key in ("loss", "nelbo", "recon", "kl"):
+            rel = abs(a[step][key] - b[step][key]) / abs(a[step]["loss"])
+            assert rel < 1e-4, (step, key, a[step][key], b[step][key])
+    assert single.global_batch == 8
