@@ -16,7 +16,7 @@ from .config_io import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "nvae-search/checkpoint/v1"
-# What `eval` and `sample` need; training resumes need more (the trainer passes its own list).
+# What `eval` and `sample` need (load_run asks for them); training resumes need more (the trainer's own list).
 MODEL_KEYS = ("model", "step")
 _SHOWN = 3  # mismatching weight names listed per kind: enough to recognise the difference, still one screen
 
@@ -35,7 +35,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 def load_checkpoint(
     path: str | os.PathLike[str],
     map_location: str | torch.device = "cpu",
-    required: Sequence[str] = MODEL_KEYS,
+    required: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Load with ``weights_only=True`` (a pickled object that would run code is refused, never executed) and
     check that the ``required`` entries are there, the weights are tensors and the step is an integer."""
