@@ -98,6 +98,13 @@ def refuse_changed_recipe(checkpoint: Path, saved: Any, recipe: Recipe) -> None:
     )
 
 
+def resumable_state(checkpoint: Path, recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint's state if ``recipe`` may resume from it (every entry there, same architecture and budget)."""
+    state = load_checkpoint(checkpoint, device, required=RESUME_KEYS)
+    refuse_changed_recipe(checkpoint, state.get("recipe"), recipe)
+    return state
+
+
 @dataclass
 class RunSummary:
     status: str  # completed | diverged | stopped
@@ -551,8 +558,7 @@ class Trainer:
 
     def _resume(self, checkpoint: Path) -> None:
         """Continue from the checkpoint; one of another run, architecture or format is refused naming the file."""
-        state = load_checkpoint(checkpoint, self.device, required=RESUME_KEYS)
-        refuse_changed_recipe(checkpoint, state.get("recipe"), self.recipe)
+        state = resumable_state(checkpoint, self.recipe, self.device)
         check_weights(self.model, state["model"], checkpoint)
         try:
             self.load_state_dict(state)

@@ -267,6 +267,13 @@ RUN_CASES_SPEC: list[tuple[str, Callable[[Path], None], list[str], str, tuple[st
         ("not a readable nvae-search checkpoint",),
     ),
     (
+        "checkpoint_yaml_text",  # the weights-only unpickler fails on this one with an IndexError
+        lambda run: (run / "checkpoint.pt").write_text("a: 1\n"),
+        SAMPLE,
+        "checkpoint.pt",
+        ("not a readable nvae-search checkpoint",),
+    ),
+    (
         "checkpoint_truncated",
         lambda run: (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:4000]),
         RESUME,
@@ -357,6 +364,13 @@ RUN_CASES_SPEC: list[tuple[str, Callable[[Path], None], list[str], str, tuple[st
         "resume_changes_the_budget",
         _resolved("steps: 4", "steps: 9"),
         RESUME,
+        "run",
+        ("train.steps: 4 -> 9",),
+    ),
+    (
+        "resume_with_workers_changes_the_budget",
+        _resolved("steps: 4", "steps: 9"),
+        [*RESUME, "--workers", "2"],
         "run",
         ("train.steps: 4 -> 9",),
     ),
