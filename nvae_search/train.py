@@ -577,7 +577,6 @@ class Trainer:
             )
         if self.main:
             self._trim_metrics()  # a fresh start also drops the rows of an attempt killed before its first checkpoint
-        if self.main:
             atomic_write_text(self.out_dir / RESOLVED_RECIPE, dump_recipe(self.recipe))
             from tensorboardX import SummaryWriter
 
