@@ -497,6 +497,23 @@ def test_the_real_process_prints_no_traceback(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.yaml", "space.yaml"]
 
 
+def test_a_payload_checkpoint_in_a_real_process(tiny_run: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_run, tmp_path / "run")
+    _write_payload(tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvae_search", "eval", "run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **WIDE},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert on_one_line(proc.stderr, ("run/checkpoint.pt", "not a readable nvae-search checkpoint"))
+    assert not (tmp_path / MARKER).exists()
+
+
 # ------------------------------------------------------------------------------------------ direct checks
 def test_a_pickled_payload_is_refused_and_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Proves weights_only=True: a plain torch.load of this file would create the marker folder."""
