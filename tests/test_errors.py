@@ -120,6 +120,8 @@ CASES = [
     Case("malformed_yaml", "model: {resolution: 32\ndata: [\n", "<file>", "not valid YAML"),
     Case("python_tag", f'!!python/object/apply:os.system ["touch {MARKER}"]\n', "<file>", "not valid YAML"),
     Case("alias_bomb", alias_bomb(), "<file>", "alias bomb"),
+    Case("duplicate_key", "name: a\nmodel: {use_se: true}\nname: b\n", "name", "first at line 1, again at line 3"),
+    Case("empty_file", "# a recipe, one day\n", "<file>", "the file is empty"),
     Case("missing_file", None, "<file>", "file not found"),
     Case(
         "bad_set_override",
