@@ -642,6 +642,8 @@ def train(
             from .train import train as run_training
 
             result = run_training(loaded, run_dir, resume=resume, device=device)
+    except ConfigError as err:  # e.g. a damaged metrics.jsonl in the run directory
+        fail_config(err)
     except _user_errors() as err:
         fail_user(err)
     summary = result.to_dict()

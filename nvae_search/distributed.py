@@ -188,7 +188,7 @@ def train_data_parallel(
     ``threads_per_worker``: torch intra-op threads per rank (default: this process's threads / workers).
     ``worker_init(rank)``: a picklable (module-level) function run in each worker before training.
     """
-    from .train import RunDirError, train
+    from .train import RunDirError, resumable_state, train
 
     out = Path(out_dir)
     if workers < 1:
@@ -218,6 +218,8 @@ def train_data_parallel(
 
     if not resume and (out / CHECKPOINT_NAME).exists():
         raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and (out / CHECKPOINT_NAME).exists():
+        resumable_state(out / CHECKPOINT_NAME, recipe)  # a bad checkpoint: one clean error here, not one per rank
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # so a stale summary is never mistaken for this run's
 

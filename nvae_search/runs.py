@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, MODEL_KEYS, CheckpointError, check_weights, load_checkpoint
 from .config_io import ConfigError, atomic_write_text
 from .data import build_dataset, needs_binarize, prepare_batch
 from .evaluate import EvalResult, evaluate
@@ -39,12 +39,13 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device | None 
         raise CheckpointError(f"{root}: no {CHECKPOINT_NAME} yet (has the run saved a checkpoint?)")
     recipe = load_recipe(root / RESOLVED_RECIPE)
     dev = pick_device(device)
-    state = load_checkpoint(root / CHECKPOINT_NAME, dev)
+    state = load_checkpoint(root / CHECKPOINT_NAME, dev, required=MODEL_KEYS)
     model = build_model(recipe.model).to(dev)
     weights = state["model"]
-    if ema and state.get("ema") is not None:
+    if ema and isinstance(state.get("ema"), dict):
         # AveragedModel keeps the averaged copy under "module." next to its step counter.
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    check_weights(model, weights, root / CHECKPOINT_NAME)
     model.load_state_dict(weights)
     model.eval()
     return LoadedRun(recipe, model, int(state["step"]), dev, root)

@@ -580,8 +580,6 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, override (``{"model.use_se": False}``) and validate a recipe file."""
     data = read_yaml_file(path)
-    if data is None:
-        data = {}
     if isinstance(data, dict):
         for key, value in (overrides or {}).items():
             try:

@@ -792,10 +792,11 @@ def _same_distribution(a: Any, b: Any) -> bool:
 class _TreeChecker:
     """Checks a validated tree against the recipe schema and itself; collects located problems."""
 
-    def __init__(self, budget_paths: list[str]) -> None:
+    def __init__(self, budget_paths: list[str], base: _Base | None = None) -> None:
         self.problems: list[Problem] = []
         self.names: dict[str, tuple[Any, str]] = {}
         self.budget_paths = budget_paths
+        self.base = base  # (file, validated recipe) when the base recipe is valid: list lengths come from it
         self.all_paths: set[str] = set()
         self.seen: set[str] = set()
 
@@ -815,6 +816,7 @@ class _TreeChecker:
                 self._branch(path, here, spec, written, known)
                 continue
             self._recipe_value(path, here, spec, written)
+            self._list_index(path, here, written)
             if isinstance(spec, PerScaleSpec):
                 self._per_scale(path, here, spec, known)
             elif not isinstance(spec, FixedSpec):
@@ -855,13 +857,41 @@ class _TreeChecker:
         if problem:
             self.problems.append((here, problem))
 
+    def _list_index(self, path: str, here: str, written: dict[str, str]) -> None:
+        """An index past the end of a list would make every trial invalid: check it against the list it edits."""
+        parts = path.split(".")
+        at = next((i for i, part in enumerate(parts) if i and part.isdigit()), None)
+        if at is None or self.base is None:
+            return
+        prefix, index = ".".join(parts[:at]), int(parts[at])
+        if any(_overlaps(w, prefix) for w in written):
+            return  # the space sets the list itself, which _recipe_value reports as an overlap
+        if prefix.startswith("model.cells.") and "model.preset" in self.all_paths:
+            return  # a sampled preset decides the cell lists that the base file leaves out
+        base_file, validated = self.base
+        value = _get_dotted(validated, prefix.split("."))
+        if not isinstance(value, list):
+            self.problems.append(
+                (here, f"{prefix} is {value!r} in the base recipe {base_file}, not a list: index {index} cannot be set")
+            )
+        elif index >= len(value):
+            self.problems.append(
+                (
+                    here,
+                    f"index {index} is past the end of {prefix}: it has {len(value)} items in the base recipe "
+                    f"{base_file}",
+                )
+            )
+
     def _per_scale(self, path: str, here: str, spec: PerScaleSpec, known: dict[str, Any]) -> None:
         for i in range(2):  # two names are enough to register the element kind
             self._name(f"{path}.{i}", here, spec.each)
         if isinstance(spec.count, int):
             return
         if spec.count not in known:
-            if spec.count in self.seen:
+            if spec.count == path:
+                reason = "this entry itself: a count must be an integer or a parameter set earlier"
+            elif spec.count in self.seen:
                 reason = "set only inside another branch, so not in every trial that needs it"
             elif spec.count in self.all_paths:
                 reason = "sampled later in the space (order matters: move it above)"
@@ -928,6 +958,9 @@ def _enqueue_item(loc: str, name: str, value: Any, specs: dict[str, Any]) -> lis
     return [(loc, f"{value!r} is outside the distribution of {name}{hint}")]
 
 
+_Base = tuple[str, dict[str, Any]]  # the base recipe's file as written in the space, and its validated form
+
+
 def _base_recipe_problems(space: Space) -> list[Problem]:
     path = space.base_recipe_path
     if not path.is_file():
@@ -992,8 +1025,9 @@ def space_from_dict(data: Any, source: str | os.PathLike[str]) -> Space:
         raise ConfigError(str(source), _structure_problems(exc, data)) from None
     space._source = Path(source).resolve()
     budget_paths = list(budget_overrides(space))
-    problems = _TreeChecker(budget_paths).run(space.space) + _enqueue_problems(space)
-    problems += _base_recipe_problems(space)
+    base_problems = _base_recipe_problems(space)
+    base = None if base_problems else (space.base_recipe, space.base_recipe_data()[1])
+    problems = _TreeChecker(budget_paths, base).run(space.space) + _enqueue_problems(space) + base_problems
     if problems:
         raise ConfigError(str(source), problems)
     return space

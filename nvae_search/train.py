@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .config_io import atomic_write_text
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, check_weights, load_checkpoint, save_checkpoint
+from .config_io import atomic_write_text, differences, read_jsonl
 from .data import build_dataset, needs_binarize, prepare_batch, random_hflip
 from .evaluate import evaluate, to_unit, unit_for
 from .images import make_grid
@@ -59,12 +60,50 @@ CLOCK_REPLAN_UNTIL = 320
 MIN_GRAD_SCALE = 2.0**-20
 
 
+# Resuming continues the run that the checkpoint belongs to: another network cannot take its weights, and another
+# budget would bend the cosine and KL schedules mid-run. Execution settings (model.numerics) may change.
+RESUME_FIXED = ("model", "train.steps", "train.epochs", "train.minutes")
+RESUME_FREE = ("model.numerics",)
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "spectral", "rng_cpu", "step", "total_steps", "elapsed")
+
+
 class TrainingDiverged(FloatingPointError):
     """Raised with ``nonfinite: raise`` when the loss or the gradients stop being finite."""
 
 
 class RunDirError(Exception):
     """The output directory cannot be used as asked (e.g. it already holds a run and --resume was not given)."""
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == root or path.startswith(root + ".") for root in roots)
+
+
+def refuse_changed_recipe(checkpoint: Path, saved: Any, recipe: Recipe) -> None:
+    """Refuse to resume with another architecture or budget than the checkpoint's, showing the difference."""
+    if not isinstance(saved, str):
+        return  # the checkpoint records no recipe; check_weights still guards the architecture
+    try:
+        old = yaml.safe_load(saved)
+    except yaml.YAMLError:
+        raise CheckpointError(f"{checkpoint}: its recorded recipe is not valid YAML (damaged checkpoint)") from None
+    new = yaml.safe_load(dump_recipe(recipe))
+    changed = [d for d in differences(old, new) if _under(d[0], RESUME_FIXED) and not _under(d[0], RESUME_FREE)]
+    if not changed:
+        return
+    rows = "\n".join(f"  {path}: {json.dumps(a)} -> {json.dumps(b)}" for path, a, b in changed)
+    sets = " ".join(f"--set '{path}={json.dumps(a)}'" for path, a, _b in changed)
+    raise RunDirError(
+        f"{checkpoint.parent}: --resume refuses to change the architecture or the budget of a run "
+        f"(checkpoint -> now):\n{rows}\nResume with the run's own values ({sets}), or train into another --out."
+    )
+
+
+def resumable_state(checkpoint: Path, recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint's state if ``recipe`` may resume from it (every entry there, same architecture and budget)."""
+    state = load_checkpoint(checkpoint, device, required=RESUME_KEYS)
+    refuse_changed_recipe(checkpoint, state.get("recipe"), recipe)
+    return state
 
 
 @dataclass
@@ -524,24 +563,34 @@ class Trainer:
         model.train(was_training)
 
     def _trim_metrics(self) -> None:
-        """After a resume, forget the log lines written after the checkpoint (they will be re-done)."""
+        """Forget the log lines written after the checkpoint (they will be re-done), and a line torn by a kill."""
         path = self.out_dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        kept = [row for row in read_jsonl(path) if isinstance(row.get("step"), int) and row["step"] <= self.step]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def _resume(self, checkpoint: Path) -> None:
+        """Continue from the checkpoint; one of another run, architecture or format is refused naming the file."""
+        state = resumable_state(checkpoint, self.recipe, self.device)
+        check_weights(self.model, state["model"], checkpoint)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise CheckpointError(f"{checkpoint}: does not fit this run ({type(exc).__name__}: {reason})") from None
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool) -> RunSummary:
         checkpoint = self.out_dir / CHECKPOINT_NAME
         if resume and checkpoint.exists():
-            self.load_state_dict(load_checkpoint(checkpoint, self.device))
-            self._trim_metrics()
+            self._resume(checkpoint)
         elif checkpoint.exists():
             raise RunDirError(
                 f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out"
             )
         if self.main:
+            self._trim_metrics()  # a fresh start also drops the rows of an attempt killed before its first checkpoint
             atomic_write_text(self.out_dir / RESOLVED_RECIPE, dump_recipe(self.recipe))
             from tensorboardX import SummaryWriter
 

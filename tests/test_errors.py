@@ -120,6 +120,8 @@ CASES = [
     Case("malformed_yaml", "model: {resolution: 32\ndata: [\n", "<file>", "not valid YAML"),
     Case("python_tag", f'!!python/object/apply:os.system ["touch {MARKER}"]\n', "<file>", "not valid YAML"),
     Case("alias_bomb", alias_bomb(), "<file>", "alias bomb"),
+    Case("duplicate_key", "name: a\nmodel: {use_se: true}\nname: b\n", "name", "first at line 1, again at line 3"),
+    Case("empty_file", "# a recipe, one day\n", "<file>", "the file is empty"),
     Case("missing_file", None, "<file>", "file not found"),
     Case(
         "bad_set_override",
@@ -153,8 +155,8 @@ def invoke(args: list[str]) -> Result:
 
 def assert_clean_failure(result: Result) -> None:
     assert result.exit_code == 2, result.output
+    # CliRunner keeps an escaped exception in result.exception (never prints a traceback into the output).
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
 
 
 def test_at_least_fifteen_kinds() -> None:
@@ -170,8 +172,8 @@ def test_bad_recipe_gives_one_clean_screen(case: Case, tmp_path: Path, monkeypat
     elapsed = time.perf_counter() - start
     assert_clean_failure(result)
     assert name in result.output
-    assert case.field in result.output
-    assert case.reason in result.output
+    # Field names appear almost anywhere on the screen; the problem row holds the field and its reason together.
+    assert any(case.field in line and case.reason in line for line in result.output.splitlines()), result.output
     if case.name == "python_tag":
         assert not (tmp_path / MARKER).exists(), "the YAML tag ran a command"
     if case.name == "alias_bomb":

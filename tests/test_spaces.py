@@ -402,6 +402,18 @@ BAD_SPACES: list[tuple[str, Any, str, str]] = [
         "choice 1='res_mbconvv' is not accepted",
     ),
     (
+        "index-past-the-end",
+        _edit(("space", "model.cells.normal_enc.2.kernel"), {"type": "categorical", "choices": [3, 5]}),
+        "space.model.cells.normal_enc.2.kernel",
+        "index 2 is past the end of model.cells.normal_enc: it has 2 items in the base recipe base.yaml",
+    ),
+    (
+        "index-into-a-number",
+        _edit(("space", "model.num_channels_dec.0"), {"type": "int", "low": 4, "high": 8}),
+        "space.model.num_channels_dec.0",
+        "model.num_channels_dec is 8 in the base recipe base.yaml, not a list",
+    ),
+    (
         "branch-in-per-scale",
         _edit(("space", "model.num_groups_per_scale", "each"), {"type": "categorical", "choices": {"a": {}}}),
         "space.model.num_groups_per_scale.each.choices",
@@ -419,6 +431,14 @@ def test_bad_space_is_reported(tmp_path: Path, mutate: Any, path: str, reason: s
     problems = err.value.problems
     assert any(p == path and reason in r for p, r in problems), problems
     assert str(tmp_path / "space.yaml") in str(err.value)
+
+
+def test_an_index_inside_the_base_list_is_accepted(tmp_path: Path) -> None:
+    data = copy.deepcopy(SPACE)
+    data["space"] = {"model.cells.normal_enc.1.kernel": {"type": "categorical", "choices": [3, 5]}}
+    space = load_space(write_space(tmp_path, data))
+    values = make_define_by_run(space)(optuna.trial.FixedTrial({"model.cells.normal_enc.1.kernel": 5}))
+    assert [op.kernel for op in apply_params(space, values).model.cells.normal_enc] == [3, 5]
 
 
 def test_count_sampled_later_is_reported(tmp_path: Path) -> None:

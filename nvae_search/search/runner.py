@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config_io import ConfigError, atomic_write_text
+from ..config_io import ConfigError, atomic_write_text, read_json_mapping
 from ..spaces import Space, apply_params, load_space
 
 if TYPE_CHECKING:
@@ -210,10 +210,14 @@ def load_study(study_dir: str | Path) -> tuple[optuna.Study, Space, dict[str, An
     info_path = root / STUDY_FILE
     if not info_path.is_file():
         raise ConfigError(str(root), [("", f"not a study directory: {STUDY_FILE} is missing")])
-    info = json.loads(info_path.read_text())
+    info = read_json_mapping(info_path, required=("study_name", "space_file", "storage"))
     space_file = Path(info["space_file"])
     space = load_space(space_file if space_file.is_file() else root / "space.yaml")
-    study = optuna.load_study(study_name=info["study_name"], storage=open_storage(info["storage"]))
+    try:
+        study = optuna.load_study(study_name=info["study_name"], storage=open_storage(info["storage"]))
+    except KeyError:  # Optuna's "Record does not exist"
+        problem = ("study_name", f"no study {info['study_name']!r} in the storage {info['storage']}")
+        raise ConfigError(str(info_path), [problem]) from None
     return study, space, info
 
 
