@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from nvae_search.runs import evaluate_run, load_run, sample_run
 from nvae_search.schema import load_recipe
 from nvae_search.train import LRSchedule, RunDirError, TrainingDiverged, train
 
+# The module, not the ``train`` function that the package re-exports under the same name.
+TRAINER_MODULE = importlib.import_module("nvae_search.train")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
 QUIET = {"train.progress": False}
@@ -30,9 +32,10 @@ def tiny(**overrides: Any) -> Any:
     return load_recipe(TINY, overrides={**QUIET, **overrides})
 
 
-def read_metrics(run_dir: Path) -> dict[int, float]:
+def read_metrics(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) per line, in file order: a duplicated or missing step row shows (a dict would hide it)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
+    return [(row["step"], row["loss"]) for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -70,25 +73,61 @@ def test_checkpoint_loads_weights_only_and_rejects_bad_files(tiny_run: Path, tmp
         load_checkpoint(tmp_path / "missing.pt")
 
 
+class _CreatesAFile:
+    """Unpickling this runs ``open(path, "w")``: the side effect an untrusted checkpoint could carry."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path: Path) -> None:
+    from nvae_search.checkpoint import FORMAT
+
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "checkpoint.pt"
+    torch.save({"format": FORMAT, "step": 1, "model": _CreatesAFile(marker)}, evil)
+    with pytest.raises(CheckpointError, match="truncated or foreign"):
+        load_checkpoint(evil)
+    assert not marker.exists(), "the pickled payload ran while loading the checkpoint"
+    torch.load(evil, weights_only=False)  # the payload is live: a full unpickle does run it
+    assert marker.exists()
+
+
+class FakeClock:
+    """The trainer's clock (``nvae_search.train.clock``) made deterministic: time moves only when a test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_minutes_budget_is_filled_although_the_first_steps_are_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The step count of a minutes-only budget comes from timing the first steps; those are slower than the rest
-    (here made 0.5 s slower), so the plan is revised as the run goes and the run still uses its budget."""
-    from nvae_search.train import Trainer
+    (here 0.5 s, then 0.2 s on a fake clock), so the plan is revised as the run goes and the run uses its budget:
+    a plan fixed after five steps would stop at 2.5 + 7 × 0.2 = 3.9 of the 6 seconds."""
+    clock = FakeClock()
+    real_step = TRAINER_MODULE.Trainer.train_step
 
-    real_step = Trainer.train_step
-
-    def slow_start(self: Any, x: torch.Tensor) -> Any:
-        if self.step < 5:
-            time.sleep(0.5)
+    def timed_step(self: Any, x: torch.Tensor) -> Any:
+        clock.now += 0.5 if self.step < 5 else 0.2
         return real_step(self, x)
 
-    monkeypatch.setattr(Trainer, "train_step", slow_start)
+    monkeypatch.setattr(TRAINER_MODULE, "clock", clock)
+    monkeypatch.setattr(TRAINER_MODULE.Trainer, "train_step", timed_step)
     budget_s = 6.0
     summary = train(tiny(**{"train.steps": None, "train.minutes": budget_s / 60, "train.eval_at_end": False}), tmp_path)
-    assert summary.status == "completed" and summary.steps <= summary.total_steps  # the clock may end it first
-    assert 0.7 * budget_s <= summary.wall_s <= budget_s + 1.0, (summary.wall_s, summary.steps)  # time in steps
+    assert summary.status == "completed" and summary.steps <= summary.total_steps
+    assert summary.wall_s == pytest.approx(clock.now)  # time in steps, read from the trainer's clock
+    # Filled to within one step, and the clock stays a hard cap (it ends the run at most one step late).
+    assert budget_s - 0.2 - 1e-9 <= summary.wall_s < budget_s + 0.2, (summary.wall_s, summary.steps)
+    assert summary.steps == 5 + round((summary.wall_s - 2.5) / 0.2)
 
 
 def test_existing_run_needs_resume(tiny_run: Path) -> None:
@@ -97,38 +136,68 @@ def test_existing_run_needs_resume(tiny_run: Path) -> None:
 
 
 _CHILD = """
-import sys
+import os, signal, sys
 from nvae_search.schema import load_recipe
-from nvae_search.train import train
+from nvae_search.train import Trainer, train
+recipe, out, mode = sys.argv[1:4]
+if "@" in mode:  # e.g. SIGKILL@14: the child signals itself just before it takes step 15
+    name, at = mode.split("@")
+    real_step = Trainer.train_step
+    def step(self, x):
+        if self.step == int(at):
+            os.kill(os.getpid(), getattr(signal, name))
+        return real_step(self, x)
+    Trainer.train_step = step
 overrides = {"train.steps": 24, "train.log_every": 1, "train.checkpoint_every_steps": 4,
              "train.progress": False, "train.eval_at_end": False, "train.image_every_steps": 1000}
-train(load_recipe(sys.argv[1], overrides=overrides), sys.argv[2], resume=len(sys.argv) > 3)
+train(load_recipe(recipe, overrides=overrides), out, resume=mode == "resume")
 """
 
 
-def _run_child(out: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _run_child(out: Path, mode: str) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", _CHILD, str(TINY), str(out), *extra], env=env)
+    return subprocess.run([sys.executable, "-c", _CHILD, str(TINY), str(out), mode], env=env, timeout=300).returncode
 
 
-def test_sigkill_then_resume_repeats_the_same_losses(tmp_path: Path) -> None:
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _run_child(straight).wait(timeout=300) == 0
-    proc = _run_child(killed)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        metrics = killed / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    assert _run_child(killed, "--resume").wait(timeout=300) == 0
-    expected, resumed = read_metrics(straight), read_metrics(killed)
-    assert sorted(resumed) == sorted(expected) == list(range(1, 25))
-    for step, loss in expected.items():
-        assert resumed[step] == pytest.approx(loss, abs=1e-5), step
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float]]:
+    out = tmp_path_factory.mktemp("straight")
+    assert _run_child(out, "run") == 0
+    metrics = read_metrics(out)
+    assert [step for step, _ in metrics] == list(range(1, 25))
+    return metrics
+
+
+def assert_same_losses(resumed: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
+    assert [step for step, _ in resumed] == [step for step, _ in expected] == list(range(1, 25))
+    for (step, loss), (_, want) in zip(resumed, expected, strict=True):
+        assert loss == pytest.approx(want, abs=1e-5), step
+
+
+def test_sigkill_then_resume_repeats_the_same_losses(tmp_path: Path, straight_run: list[tuple[int, float]]) -> None:
+    """Killed just before step 15, after the checkpoint of step 12: the resume re-does steps 13 and 14."""
+    killed = tmp_path / "killed"
+    assert _run_child(killed, "SIGKILL@14") == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+    assert [step for step, _ in read_metrics(killed)] == list(range(1, 15))
+    assert load_checkpoint(killed / "checkpoint.pt")["step"] == 12  # so the resume below is not a fresh run
+    assert _run_child(killed, "resume") == 0
+    assert_same_losses(read_metrics(killed), straight_run)
+
+
+def test_sigterm_stops_with_a_checkpoint_and_the_run_resumes(
+    tmp_path: Path, straight_run: list[tuple[int, float]]
+) -> None:
+    """SIGTERM arrives during step 7 (not a checkpoint step): the step finishes, the run saves and ends as
+    stopped; resuming it gives the losses of an uninterrupted run."""
+    out = tmp_path / "termed"
+    assert _run_child(out, "SIGTERM@6") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["cause"] == "interrupted by SIGTERM"
+    assert summary["steps"] == 7 and load_checkpoint(out / "checkpoint.pt")["step"] == 7
+    assert _run_child(out, "resume") == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert_same_losses(read_metrics(out), straight_run)
 
 
 @pytest.mark.parametrize(
