@@ -519,6 +519,8 @@ class Trainer:
             return
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
+        if kept:  # the summary's training figures come from the last log line, also when no step is left to take
+            self.last_metrics = json.loads(kept[-1])
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool) -> RunSummary:
