@@ -110,13 +110,13 @@ def test_a_minutes_budget_is_filled_although_the_first_steps_are_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The step count of a minutes-only budget comes from timing the first steps; those are slower than the rest
-    (here 0.5 s, then 0.2 s on a fake clock), so the plan is revised as the run goes and the run uses its budget:
-    a plan fixed after five steps would stop at 2.5 + 7 × 0.2 = 3.9 of the 6 seconds."""
+    (here 0.5 s, then 0.25 s on a fake clock), so the plan is revised as the run goes and the run uses its budget:
+    a plan fixed after five steps would stop at 2.5 + 7 × 0.25 = 4.25 of the 6 seconds."""
     clock = FakeClock()
     real_step = TRAINER_MODULE.Trainer.train_step
 
     def timed_step(self: Any, x: torch.Tensor) -> Any:
-        clock.now += 0.5 if self.step < 5 else 0.2
+        clock.now += 0.5 if self.step < 5 else 0.25
         return real_step(self, x)
 
     monkeypatch.setattr(TRAINER_MODULE, "clock", clock)
@@ -126,8 +126,8 @@ def test_a_minutes_budget_is_filled_although_the_first_steps_are_slow(
     assert summary.status == "completed" and summary.steps <= summary.total_steps
     assert summary.wall_s == pytest.approx(clock.now)  # time in steps, read from the trainer's clock
     # Filled to within one step, and the clock stays a hard cap (it ends the run at most one step late).
-    assert budget_s - 0.2 - 1e-9 <= summary.wall_s < budget_s + 0.2, (summary.wall_s, summary.steps)
-    assert summary.steps == 5 + round((summary.wall_s - 2.5) / 0.2)
+    assert budget_s - 0.25 <= summary.wall_s < budget_s + 0.25, (summary.wall_s, summary.steps)
+    assert summary.steps == 5 + round((summary.wall_s - 2.5) / 0.25)
 
 
 def test_existing_run_needs_resume(tiny_run: Path) -> None:
