@@ -130,6 +130,31 @@ def test_a_minutes_budget_is_filled_although_the_first_steps_are_slow(
     assert summary.steps == 5 + round((summary.wall_s - 2.5) / 0.25)
 
 
+def test_checkpoints_every_so_many_minutes_on_the_trainers_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps of 40 s on a fake clock and a checkpoint every minute: saved after steps 2 and 4 (80 s since the last
+    save each time), and at the end."""
+    clock = FakeClock()
+    real_step, real_save = TRAINER_MODULE.Trainer.train_step, TRAINER_MODULE.Trainer.save
+    saved: list[int] = []
+
+    def timed_step(self: Any, x: torch.Tensor) -> Any:
+        clock.now += 40.0
+        return real_step(self, x)
+
+    def save(self: Any) -> None:
+        saved.append(self.step)
+        real_save(self)
+
+    monkeypatch.setattr(TRAINER_MODULE, "clock", clock)
+    monkeypatch.setattr(TRAINER_MODULE.Trainer, "train_step", timed_step)
+    monkeypatch.setattr(TRAINER_MODULE.Trainer, "save", save)
+    overrides = {"train.steps": 5, "train.checkpoint_every_minutes": 1.0, "train.checkpoint_every_steps": 1000}
+    summary = train(tiny(**overrides, **{"train.eval_at_end": False}), tmp_path)
+    assert summary.status == "completed" and saved == [2, 4, 5]
+
+
 def test_existing_run_needs_resume(tiny_run: Path) -> None:
     with pytest.raises(RunDirError, match="--resume"):
         train(tiny(**{"train.steps": 30}), tiny_run)
