@@ -58,6 +58,9 @@ STEP_TIME_PROBE = 5  # steps timed to turn a wall-clock-only budget into a step 
 # KL warm-up) follow the plan; after this step it stays fixed.
 CLOCK_REPLAN_UNTIL = 320
 MIN_GRAD_SCALE = 2.0**-20
+# The trainer reads time only through this function (step times, the minutes budget, checkpoint_every_minutes),
+# so a test can replace it with a fake clock and check budgets without depending on the machine's speed.
+clock: Callable[[], float] = time.perf_counter
 
 
 # Resuming continues the run that the checkpoint belongs to: another network cannot take its weights, and another
@@ -569,6 +572,8 @@ class Trainer:
             return
         kept = [row for row in read_jsonl(path) if isinstance(row.get("step"), int) and row["step"] <= self.step]
         atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+        if kept:  # the summary's training figures come from the last log line, also when no step is left to take
+            self.last_metrics = kept[-1]
 
     def _resume(self, checkpoint: Path) -> None:
         """Continue from the checkpoint; one of another run, architecture or format is refused naming the file."""
@@ -622,7 +627,7 @@ class Trainer:
 
     def _loop(self) -> tuple[str, str | None, int | None]:
         progress = _Progress(self) if (self.cfg.progress and self.main) else None
-        last_save = time.monotonic()
+        last_save = clock()
         batches = self._batches()
         status, cause, diverged_step = "completed", None, None
         try:
@@ -630,9 +635,9 @@ class Trainer:
                 if self._any_rank(self.stop.reason is not None):
                     return "stopped", self.stop.reason or "interrupted on another rank", None
                 x = self.training_batch(next(batches))
-                t0 = time.perf_counter()
+                t0 = clock()
                 divergence, info = self.train_step(x)
-                dt = time.perf_counter() - t0
+                dt = clock() - t0
                 self.elapsed += dt
                 self.step += 1
                 self.step_times.append(dt)
@@ -651,10 +656,10 @@ class Trainer:
                 if self.step % self.cfg.image_every_steps == 0:
                     self.log_images(x)
                 if self.step % self.cfg.checkpoint_every_steps == 0 or self._any_rank(
-                    time.monotonic() - last_save > self.cfg.checkpoint_every_minutes * 60
+                    clock() - last_save > self.cfg.checkpoint_every_minutes * 60
                 ):
                     self.save()
-                    last_save = time.monotonic()
+                    last_save = clock()
         finally:
             if progress is not None:
                 progress.close()

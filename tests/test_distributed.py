@@ -3,13 +3,17 @@ stops. No Ray needed."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nvae_search.checkpoint import load_checkpoint
 from nvae_search.distributed import train_data_parallel
 from nvae_search.schema import load_recipe
 from nvae_search.train import train
@@ -135,12 +139,74 @@ def test_a_killed_data_parallel_run_resumes_with_each_ranks_own_noise(tmp_path: 
         assert again[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-5, abs=1e-5), step
 
 
+def fake_clock_rank_speeds(rank: int) -> None:
+    """Worker init: the trainer's clock is fake and moves 0.25 s per step on rank 0 and 0.375 s on rank 1 (binary
+    fractions, so the sums are exact)."""
+    trainer_module = importlib.import_module("nvae_search.train")
+    now = [0.0]
+    real_step = trainer_module.Trainer.train_step
+
+    def timed_step(self: Any, x: Any) -> Any:
+        now[0] += 0.25 if rank == 0 else 0.375
+        return real_step(self, x)
+
+    trainer_module.clock = lambda: now[0]
+    trainer_module.Trainer.train_step = timed_step  # type: ignore[method-assign]
+    _record_the_last_step(rank)
+
+
+def sigterm_rank_1_before_step_4(rank: int) -> None:
+    """Worker init: rank 1 (not rank 0, which writes the files) gets a SIGTERM just before its fourth step."""
+    trainer_module = importlib.import_module("nvae_search.train")
+    real_step = trainer_module.Trainer.train_step
+
+    def step(self: Any, x: Any) -> Any:
+        if rank == 1 and self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, x)
+
+    trainer_module.Trainer.train_step = step  # type: ignore[method-assign]
+    _record_the_last_step(rank)
+
+
+def _record_the_last_step(rank: int) -> None:
+    """Each rank writes the step and status it ends with to rank<r>.json in the run directory."""
+    trainer_module = importlib.import_module("nvae_search.train")
+    real_finish = trainer_module.Trainer._finish
+
+    def finish(self: Any, status: str, cause: str | None, diverged_step: int | None) -> Any:
+        record = {"step": self.step, "total_steps": self.total_steps, "status": status, "cause": cause}
+        (self.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
+        return real_finish(self, status, cause, diverged_step)
+
+    trainer_module.Trainer._finish = finish  # type: ignore[method-assign]
+
+
+def rank_records(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 def test_a_minutes_budget_ends_every_rank_at_the_same_step(tmp_path: Path) -> None:
-    """Each rank times its own steps; the planned step count is rank 0's, so no rank waits for a step the others
-    never take (the call would hang). Six seconds: the first steps must fit, or the budget ends before the step
-    count is planned (slow first steps on a loaded machine)."""
+    """Each rank times its own steps; the planned step count is rank 0's (24 steps of 0.25 s in 6 s), so no rank
+    waits for a step the others never take (the call would hang), and the clock of any rank stays a hard cap:
+    rank 1's steps take 0.375 s, so its 6 s are spent after 16 steps and every rank ends there."""
     run = recipe(4, **{"train.steps": None, "train.minutes": 0.1, "train.log_every": 50})
-    summary = train_data_parallel(run, tmp_path / "run", workers=2, backend="gloo", threads_per_worker=1)
-    assert summary.status == "completed"
-    # The clock stays a hard cap: if later steps run slower than the first five, the run ends before the plan.
-    assert 5 <= summary.steps <= summary.total_steps
+    summary = train_data_parallel(
+        run, tmp_path / "run", workers=2, backend="gloo", threads_per_worker=1, worker_init=fake_clock_rank_speeds
+    )
+    assert summary.status == "completed" and summary.steps == 16 and summary.total_steps == 24
+    assert summary.wall_s == 16 * 0.25  # rank 0's own time in steps
+    assert [(r["step"], r["total_steps"]) for r in rank_records(tmp_path / "run")] == [(16, 24), (16, 24)]
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path: Path) -> None:
+    run = recipe(4, **{"train.steps": 50})
+    summary = train_data_parallel(
+        run, tmp_path / "run", workers=2, backend="gloo", threads_per_worker=1, worker_init=sigterm_rank_1_before_step_4
+    )
+    assert summary.status == "stopped" and summary.steps == 4
+    assert [(r["step"], r["status"], r["cause"]) for r in rank_records(tmp_path / "run")] == [
+        (4, "stopped", "interrupted on another rank"),
+        (4, "stopped", "interrupted by SIGTERM"),
+    ]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
