@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from . import provenance, tracking
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config_io import atomic_write_text
 from .data import build_dataset, needs_binarize, prepare_batch
@@ -91,6 +93,7 @@ class RunSummary:
     num_groups: int = 0
     eval: dict[str, Any] | None = None
     out_dir: str = ""
+    provenance: dict[str, Any] | None = None  # versions, git commit, host, command line, start time
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -488,6 +491,7 @@ class Trainer:
             return
         with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
+        tracking.on_step(self.step, metrics)
         if self.writer is not None:
             for key in ("loss", "nelbo", "recon", "kl", "beta", "lambda", "lr", "grad_norm", "active_units"):
                 self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
@@ -519,6 +523,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool) -> RunSummary:
+        self.started = datetime.now(timezone.utc)
         checkpoint = self.out_dir / CHECKPOINT_NAME
         if resume and checkpoint.exists():
             self.load_state_dict(load_checkpoint(checkpoint, self.device))
@@ -629,6 +634,7 @@ class Trainer:
             num_groups=sum(self.recipe.model.groups_per_scale()),
             eval=eval_result,
             out_dir=str(self.out_dir),
+            provenance=provenance.collect(self.started) if self.main else None,
         )
         if self.main:
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary.to_dict(), indent=2))
