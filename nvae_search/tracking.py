@@ -1,9 +1,10 @@
 """Experiment trackers: MLflow and Weights & Biases, behind one small interface.
 
 A training run is one tracked run (parameters, per-step metrics, final values, status, the resolved recipe and a
-sample grid as artifacts). A search is a parent MLflow run (or a W&B group) with one child run per trial; for
-MLflow the trial runs come from optuna-integration's ``MLflowCallback``, with the per-step metrics logged inside
-them. ``train.py`` calls :func:`on_step` at every log step; it is a no-op unless a tracker is active.
+sample grid as artifacts). A search is a parent MLflow run (or a W&B group) with one child run per trial.
+``train.py`` calls :func:`on_step` at every log step; it is a no-op unless a tracker is active. The Optuna
+integrations (optuna-integration's MLflow and W&B callbacks) are deprecated since its 4.9 and moving to OptunaHub,
+which loads code at run time, so both trackers use their library's own API.
 
 mlflow, wandb and optuna are imported only when a tracker is opened; a missing extra is a :class:`TrackingError`.
 """
@@ -29,11 +30,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"  # in a study directory: the parent run to reuse when the search continues
-DEFAULT_MLFLOW_DIR = "mlruns"
+# MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE=true: the local default is a SQLite file with
+# the artifacts in a folder beside it (what `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows).
+DEFAULT_MLFLOW_DB = "mlflow.db"
+DEFAULT_MLFLOW_ARTIFACTS = "mlartifacts"
 DEFAULT_PROJECT = "nvae-search"
 # run status in summary.json → MLflow run status
 MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FAILED", "stopped": "KILLED"}
-OPTUNA_TO_MLFLOW = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
 FINAL_KEYS = ("train_nelbo", "steps", "grad_norm_max", "loss_spikes", "skipped_steps", "active_groups", "params")
 SAMPLE_GRID_IMAGES = 16
 EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
@@ -150,12 +153,24 @@ def _read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------------------------ MLflow
 def mlflow_uri(cfg: TrackingConfig, base: Path) -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else a file store ``mlruns`` in ``base``."""
+    """The configured URI, else $MLFLOW_TRACKING_URI, else a local SQLite store ``mlflow.db`` in ``base``."""
     if cfg.uri:
         return cfg.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return (base / DEFAULT_MLFLOW_DIR).resolve().as_uri()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(base / DEFAULT_MLFLOW_DB).resolve()}"
+
+
+def _use_experiment(mlflow: Any, name: str, uri: str) -> Any:
+    """Select (creating if needed) the experiment; a local SQLite store keeps its artifacts beside the file."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / DEFAULT_MLFLOW_ARTIFACTS).as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.set_experiment(name)
 
 
 class MlflowRun:
@@ -163,8 +178,9 @@ class MlflowRun:
 
     def __init__(self, cfg: TrackingConfig, recipe: Recipe, base: Path) -> None:
         self.mlflow = _require("mlflow")
-        self.mlflow.set_tracking_uri(mlflow_uri(cfg, base))
-        self.mlflow.set_experiment(cfg.project or DEFAULT_PROJECT)
+        uri = mlflow_uri(cfg, base)
+        self.mlflow.set_tracking_uri(uri)
+        _use_experiment(self.mlflow, cfg.project or DEFAULT_PROJECT, uri)
         self.run = self.mlflow.start_run(run_name=recipe.name)
         params = flat_params(recipe.model_dump(mode="json", exclude={"tracking"}))
         self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
@@ -183,27 +199,23 @@ class MlflowRun:
 
 
 class MlflowStudy:
-    """The study as a parent MLflow run; each trial a child run made by optuna-integration's MLflowCallback."""
+    """The study as a parent MLflow run and each trial as a child run, with MLflow's own API.
+
+    (optuna-integration's MLflowCallback is deprecated since optuna-integration 4.9 and logs a trial only after it
+    ends, so the per-step metrics would need a second mechanism anyway.)
+    """
 
     def __init__(self, cfg: TrackingConfig, space: Space, study_dir: Path) -> None:
-        from optuna_integration.mlflow import MLflowCallback
-
         self.mlflow = _require("mlflow")
-        self.study_dir = study_dir
+        self.study_dir, self.space = study_dir, space
         uri = mlflow_uri(cfg, study_dir.parent)
         self.mlflow.set_tracking_uri(uri)
-        experiment = self.mlflow.set_experiment(cfg.project or space.study.name)
+        self.experiment = _use_experiment(self.mlflow, cfg.project or space.study.name, uri)
         self.parent = self.mlflow.start_run(run_name=space.study.name, run_id=self._previous_parent(uri))
         atomic_json(study_dir / TRACKING_FILE, {"mlflow_uri": uri, "mlflow_parent_run_id": self.parent.info.run_id})
+        self.mlflow.set_tags({"optuna.study": space.study.name, "kind": "study"})
         if space.source is not None:
             self.mlflow.log_artifact(str(space.source))
-        self.callback = MLflowCallback(
-            tracking_uri=uri,
-            metric_name=[objective.metric for objective in space.study.objectives],
-            create_experiment=False,
-            mlflow_kwargs={"nested": True, "experiment_id": experiment.experiment_id},
-            tag_trial_user_attrs=True,
-        )
 
     def _previous_parent(self, uri: str) -> str | None:
         path = self.study_dir / TRACKING_FILE
@@ -216,16 +228,40 @@ class MlflowStudy:
         self.mlflow.log_metrics(scalar_metrics(metrics), step=step)
 
     def wrap(self, objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+        import optuna
+
         def tracked(trial: optuna.Trial) -> Any:
-            with sending_steps_to(self):
-                try:
-                    return objective(trial)
-                finally:
-                    self._log_trial_files(trial)
+            self.mlflow.start_run(
+                run_name=f"{self.space.study.name}-{trial.number:04d}",
+                nested=True,
+                experiment_id=self.experiment.experiment_id,
+                tags={"optuna.study": self.space.study.name, "optuna.trial": str(trial.number)},
+            )
+            status = "FAILED"
+            try:
+                with sending_steps_to(self):
+                    result = objective(trial)
+                self._log_values(result)
+                status = "FINISHED"
+                return result
+            except optuna.TrialPruned:
+                status = "KILLED"
+                raise
+            finally:
+                self._log_trial(trial)
+                self.mlflow.end_run(status=status)
 
-        return self.callback.track_in_mlflow()(tracked)
+        return tracked
 
-    def _log_trial_files(self, trial: optuna.Trial) -> None:
+    def _log_values(self, result: Any) -> None:
+        values = list(result) if isinstance(result, (list, tuple)) else [result]
+        names = [f"objective/{objective.metric}" for objective in self.space.study.objectives]
+        self.mlflow.log_metrics(dict(zip(names, map(float, values), strict=True)))
+
+    def _log_trial(self, trial: optuna.Trial) -> None:
+        self.mlflow.log_params({k: str(v)[:500] for k, v in trial.params.items()})
+        attrs = {k: str(v)[:5000] for k, v in trial.user_attrs.items() if k != "values"}
+        self.mlflow.set_tags(attrs)  # status (completed, diverged, pruned, invalid), cause, step, ...
         run_dir = Path(trial.user_attrs.get("run_dir", ""))
         summary = _read_summary(run_dir) if run_dir.is_dir() else None
         if summary is None:
@@ -234,14 +270,8 @@ class MlflowStudy:
         for path in _artifacts(run_dir, with_samples=summary.get("status") != "diverged"):
             self.mlflow.log_artifact(str(path))
 
-    def _set_status(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        # MLflowCallback reopens the trial's run and closes it as FINISHED whatever happened; say what did.
-        run_id = trial.system_attrs.get("mlflow_run_id")
-        if run_id:
-            self.mlflow.MlflowClient().set_terminated(run_id, OPTUNA_TO_MLFLOW.get(trial.state.name, "FAILED"))
-
     def callbacks(self) -> list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]]:
-        return [self.callback, self._set_status]
+        return []
 
     def close(self) -> None:
         self.mlflow.end_run()
