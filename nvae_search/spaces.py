@@ -479,7 +479,9 @@ class Space(_Strict):
     """One search-space file. Build it with :func:`load_space` or :func:`space_from_dict`, which also check the
     tree against the recipe schema and the base recipe; ``Space.model_validate`` alone checks the structure only."""
 
-    base_recipe: str = Field(min_length=1, description="Path of the base recipe, relative to the space file.")
+    base_recipe: str = Field(
+        min_length=1, description="Path of the base recipe, relative to the space file, or a built-in name (cpu/tiny)."
+    )
     study: StudyConfig
     budget: Budget
     repeats: Repeats = Repeats()

@@ -305,7 +305,7 @@ class WandbRun:
             if path.suffix == ".png":
                 self.run.log({"samples": self.wandb.Image(str(path))})
             self.run.save(str(path), base_path=str(run_dir), policy="now")
-        self.run.finish(exit_code=0 if status in ("completed", "pruned", "stopped") else 1)
+        self.run.finish(exit_code=0 if status in ("completed", "pruned", "stopped", "invalid") else 1)
 
 
 class WandbStudy:
