@@ -759,6 +759,9 @@ def search(
     space = _load_space_or_fail(space_file)
     if backend not in ("optuna", "ray"):
         fail_config(ConfigError("--backend", [("backend", f"expected optuna or ray, got {backend!r}")]))
+    tracking = _tracking_config(space.tracking, track)
+    if backend == "ray" and tracking.backend != "none":
+        fail_config(ConfigError("--track", [("tracking", "tracking works with the optuna backend only, not ray")]))
     console = _console()
     start = time.perf_counter()
     try:
@@ -775,7 +778,7 @@ def search(
                 storage=storage,
                 root=root,
                 on_trial=_trial_line(console),
-                tracking=_tracking_config(space.tracking, track),
+                tracking=tracking,
             )
     except _user_errors() as err:
         fail_user(err)

@@ -127,6 +127,12 @@ def test_recipe_typo_gets_did_you_mean(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "(did you mean model.num_channels_enc" in result.output
 
 
+def test_completion_and_verbosity_options_exist() -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--install-completion" in result.output and "--verbose" in result.output
+    assert runner.invoke(app, ["-vv", "validate", "cpu/tiny"]).exit_code == 0
+
+
 def test_quiet_prints_nothing_but_errors(tmp_path: Path) -> None:
     quiet = runner.invoke(app, ["-q", "validate", "cpu/tiny"])
     assert quiet.exit_code == 0 and quiet.output == ""

@@ -104,6 +104,8 @@ def test_a_missing_tracker_extra_is_a_clean_error(in_tmp: Path, monkeypatch: pyt
     assert "Traceback" not in result.output and not (in_tmp / "runs").exists()
     wrong = runner.invoke(app, ["train", "cpu/tiny", "--track", "tensorboard"])
     assert wrong.exit_code == 2 and "Traceback" not in wrong.output
+    ray = runner.invoke(app, ["search", "quickstart", "--backend", "ray", "--track", "wandb"], env={"COLUMNS": "200"})
+    assert ray.exit_code == 2 and "optuna backend only" in ray.output  # said, not silently ignored
 
 
 # ---------------------------------------------------------------------------------------------------- W&B
