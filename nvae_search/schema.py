@@ -448,7 +448,7 @@ class TrackingConfig(_Strict):
 
     backend: Literal["none", "mlflow", "wandb"] = "none"
     uri: str | None = Field(
-        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file store ./mlruns); W&B: host."
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite mlflow.db); W&B: host."
     )
     project: str | None = Field(None, description="MLflow experiment or W&B project (default: the study name).")
 
