@@ -27,7 +27,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .config_io import ConfigError, parse_override
+from .builtins import resolve_config
+from .config_io import ConfigError, clear_other_budgets, parse_override
 from .schema import Recipe, load_recipe, recipe_json_schema
 
 if TYPE_CHECKING:
@@ -40,24 +41,28 @@ app = typer.Typer(
     name="nvae-search",
     help="Declarative NVAE: validate, profile, train, evaluate, sample and search NVAE variants.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_show_locals=False,
 )
 
 CONFIG_EXIT_CODE = 2
 MIB = 1024 * 1024
+_QUIET = False  # -q: the stdout console prints nothing (errors on stderr still do)
 
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe value before validation: dotted.key=value (value read as YAML)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+TrackOption = Annotated[
+    str | None, typer.Option("--track", help="Track in mlflow or wandb (or none); default: the file's tracking:.")
+]
 
 
 # ------------------------------------------------------------------------------------ shared helpers
 def _console(stderr: bool = False) -> Console:
     # Built per call so that the width follows the terminal (and COLUMNS) of this invocation.
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, quiet=_QUIET and not stderr)
 
 
 def config_error_panel(err: ConfigError) -> Panel:
@@ -93,13 +98,13 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, value = parse_override(item)
         overrides[key] = value
-    return overrides
+    return clear_other_budgets(overrides)
 
 
 def load_or_fail(path: Path, sets: list[str] | None) -> Recipe:
     """Load, override and validate a recipe; a bad file ends the command via :func:`fail_config`."""
     try:
-        return load_recipe(path, overrides=parse_sets(sets))
+        return load_recipe(resolve_config(path, "recipes"), overrides=parse_sets(sets))
     except ConfigError as err:
         fail_config(err)
 
@@ -215,13 +220,48 @@ def validate(
     summaries, failed = [], False
     for path in recipes:
         try:
-            summaries.append(_summarize_file(path, overrides, workers))
+            summaries.append(_summarize_config(path, overrides, workers))
         except ConfigError as err:
             print_config_error(err)
             failed = True
     _print_summaries(summaries, json_output, several=len(recipes) > 1)
     if failed:
         raise typer.Exit(CONFIG_EXIT_CODE)
+
+
+def _summarize_config(ref: Path, overrides: dict[str, Any], workers: int = 1) -> dict[str, Any]:
+    """A recipe's architecture summary, or for a space file its size and its base recipe's summary."""
+    from .config_io import read_yaml_file
+
+    path = resolve_config(ref, "recipes")
+    if not path.exists():
+        path = resolve_config(ref, "spaces")
+    data = read_yaml_file(path)
+    if not (isinstance(data, dict) and "base_recipe" in data):
+        return _summarize_file(path, overrides, workers)
+    from .spaces import load_space, space_size
+
+    space = load_space(path)
+    base = _summarize_file(space.base_recipe_path, overrides)
+    return {"file": str(path), "space": space.study.name, **space_size(space), "base_recipe": base}
+
+
+def space_summary_table(summary: dict[str, Any]) -> Group:
+    table = Table(
+        title=f"space {summary['space']}  ({summary['file']})",
+        box=box.SIMPLE_HEAD,
+        show_header=False,
+        title_justify="left",
+    )
+    table.add_column("property", style="bold")
+    table.add_column("value")
+    grid = summary["grid_points"]
+    table.add_row("searched parameters", ", ".join(summary["parameters"]) or "-")
+    table.add_row("parameters in the tree", str(len(summary["parameters"])))
+    table.add_row("grid points", f"{grid:,}" if grid is not None else "continuous (no finite grid)")
+    table.add_row("trials", f"{summary['n_trials']:,}")
+    base = summary["base_recipe"]
+    return Group(table, summary_table(base))
 
 
 def _print_summaries(summaries: list[dict[str, Any]], json_output: bool, several: bool) -> None:
@@ -231,7 +271,7 @@ def _print_summaries(summaries: list[dict[str, Any]], json_output: bool, several
         return
     console = _console()
     for summary in summaries:
-        console.print(summary_table(summary))
+        console.print(space_summary_table(summary) if "space" in summary else summary_table(summary))
 
 
 # -------------------------------------------------------------------------------------------- schema
@@ -550,9 +590,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's input (bad data folder, bad run dir, bad checkpoint): one line, exit 2."""
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .tracking import TrackingError
     from .train import RunDirError
 
-    return (DataError, CheckpointError, RunDirError)
+    return (DataError, CheckpointError, RunDirError, TrackingError)
 
 
 def fail_user(err: Exception) -> NoReturn:
@@ -619,8 +660,11 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Data-parallel processes (DDP).")] = 1,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 … (default: cuda if any).")] = None,
+    track: TrackOption = None,
 ) -> None:
     """Train a recipe with the paper's objective; writes a run directory and prints its summary."""
+    from .tracking import tracked_run
+
     loaded = load_or_fail(recipe, sets)
     run_dir = out or Path("runs") / loaded.name
     from .distributed import batch_problem, launched_by_torchrun, torchrun_world_size, train_under_torchrun
@@ -630,18 +674,20 @@ def train(
         where = "train.global_batch_size" if problem else "--workers"
         fail_config(ConfigError(str(recipe), [(where, problem or "under torchrun the ranks come from torchrun")]))
     try:
-        if launched_by_torchrun():
-            rank, result = train_under_torchrun(loaded, run_dir, resume=resume, device=device)
-            if rank != 0:  # rank 0 prints the summary
-                raise typer.Exit(3 if result.status == "diverged" else 0)
-        elif workers > 1:
-            from .distributed import train_data_parallel
+        with tracked_run(_tracking_config(loaded.tracking, track), loaded, run_dir) as finish_tracking:
+            if launched_by_torchrun():
+                rank, result = train_under_torchrun(loaded, run_dir, resume=resume, device=device)
+                if rank != 0:  # rank 0 prints the summary
+                    raise typer.Exit(3 if result.status == "diverged" else 0)
+            elif workers > 1:
+                from .distributed import train_data_parallel
 
-            result = train_data_parallel(loaded, run_dir, workers=workers, resume=resume)
-        else:
-            from .train import train as run_training
+                result = train_data_parallel(loaded, run_dir, workers=workers, resume=resume)
+            else:
+                from .train import train as run_training
 
-            result = run_training(loaded, run_dir, resume=resume, device=device)
+                result = run_training(loaded, run_dir, resume=resume, device=device)
+            finish_tracking(result.to_dict())
     except ConfigError as err:  # e.g. a damaged metrics.jsonl in the run directory
         fail_config(err)
     except _user_errors() as err:
@@ -725,11 +771,22 @@ def sample(
     out: Annotated[Path | None, typer.Option("--out", help="PNG path (default: inside the run).")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="grid (one PNG), folder (one PNG per image) or npz.")] = "grid",
+    temperatures: Annotated[
+        str | None, typer.Option("--temperatures", help="A sweep, e.g. 0.6,0.8,1.0: one grid row per temperature.")
+    ] = None,
 ) -> None:
     """Draw a PNG grid of samples at a temperature, optionally re-estimating BN statistics first."""
     from .runs import sample_run
 
     run = _load_run_or_fail(run_dir, device)
+    if fmt != "grid" or temperatures:
+        sweep = _temperatures_or_fail(temperatures) if temperatures else [temperature]
+        path = sample_outputs(
+            run, n=n, temperatures=sweep, fmt=fmt, out=out, readjust_bn=readjust_bn, seed=seed, scale_pixels=scale_pixels
+        )
+        _console().print(f"wrote {path}")
+        return
     path = sample_run(
         run, n=n, temperature=temperature, readjust_bn=readjust_bn, out=out, seed=seed, scale_pixels=scale_pixels
     )
@@ -741,7 +798,7 @@ def _load_space_or_fail(path: Path) -> Any:
     from .spaces import load_space
 
     try:
-        return load_space(path)
+        return load_space(resolve_config(path, "spaces"))
     except ConfigError as err:
         fail_config(err)
 
@@ -756,11 +813,15 @@ def search(
     backend: Annotated[str, typer.Option("--backend", help="optuna (in-process) or ray.")] = "optuna",
     address: Annotated[str | None, typer.Option("--address", help="Ray: local, auto or HOST:PORT.")] = None,
     root: Annotated[Path, typer.Option("--root", help="Folder of study directories.")] = Path("runs"),
+    track: TrackOption = None,
 ) -> None:
     """Run (or continue) a search; prints the study directory to pass to `report`."""
     space = _load_space_or_fail(space_file)
     if backend not in ("optuna", "ray"):
         fail_config(ConfigError("--backend", [("backend", f"expected optuna or ray, got {backend!r}")]))
+    tracking = _tracking_config(space.tracking, track)
+    if backend == "ray" and tracking.backend != "none":
+        fail_config(ConfigError("--track", [("tracking", "tracking works with the optuna backend only, not ray")]))
     console = _console()
     start = time.perf_counter()
     try:
@@ -772,7 +833,12 @@ def search(
             from .search.runner import run_optuna_search
 
             study_dir = run_optuna_search(
-                space, n_trials=n_trials, storage=storage, root=root, on_trial=_trial_line(console)
+                space,
+                n_trials=n_trials,
+                storage=storage,
+                root=root,
+                on_trial=_trial_line(console),
+                tracking=tracking,
             )
     except _user_errors() as err:
         fail_user(err)
@@ -916,6 +982,127 @@ def bench_eval_command(
         f"sequential {result.sequential_s:.1f} s ({result.sequential_image_passes_per_s:.0f}/s, "
         f"NLL {result.sequential_nll:.3f}); speed-up {result.speedup:.2f}x"
     )
+
+
+# ----------------------------------------------------------------- global options, built-in recipes and spaces
+def _version_callback(value: bool) -> None:
+    if value:
+        from .provenance import package_version
+
+        typer.echo(f"nvae-search {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and machine-readable output.")] = False,
+) -> None:
+    """Declarative NVAE: validate, profile, train, evaluate, sample and search NVAE variants."""
+    import logging
+
+    global _QUIET
+    _QUIET = quiet
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nvae_search").setLevel(level)
+    if verbose:
+        # optuna keeps its own handler and level; -v lets its trial lines through
+        logging.getLogger("optuna").setLevel(level)
+
+
+KindArgument = Annotated[str | None, typer.Argument(help="recipes or spaces (default: both).", show_default=False)]
+
+
+@app.command("ls")
+def list_command(kind: KindArgument = None, json_output: JsonOption = False) -> None:
+    """List the built-in recipes and spaces, which every command accepts by name (cpu/tiny, quickstart)."""
+    from .builtins import KINDS, list_builtins
+
+    if kind not in (None, *KINDS):
+        fail_config(ConfigError("ls", [("kind", f"expected recipes or spaces, got {kind!r}")]))
+    kinds = [kind] if kind else list(KINDS)
+    found = {k: list_builtins(k) for k in kinds}  # type: ignore[arg-type]
+    if json_output:
+        payload = {k: [{"name": b.name, "description": b.description} for b in items] for k, items in found.items()}
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    console = _console()
+    for k, items in found.items():
+        table = Table(title=k, box=box.SIMPLE_HEAD, title_justify="left")
+        table.add_column("name", style="bold cyan", no_wrap=True)
+        table.add_column("description", overflow="fold")
+        for item in items:
+            table.add_row(item.name, item.description)
+        console.print(table)
+
+
+@app.command("cp")
+def copy_command(
+    name: Annotated[str, typer.Argument(help="A built-in recipe or space (see `nvae-search ls`).", show_default=False)],
+    dest: Annotated[Path, typer.Argument(help="File to write, or a folder to copy into.", show_default=False)],
+) -> None:
+    """Copy a built-in recipe or space out to edit; a copied space still finds its built-in base recipe."""
+    from .builtins import copy_builtin
+
+    try:
+        target = copy_builtin(name, dest)
+    except (FileNotFoundError, FileExistsError) as err:
+        fail_config(ConfigError(name, [("", str(err))]))
+    _console().print(f"wrote {target}")
+
+
+def _tracking_config(configured: Any, track: str | None) -> Any:
+    """The file's ``tracking:`` with ``--track`` replacing its backend (its uri and project are kept)."""
+    if track is None:
+        return configured
+    if track not in ("none", "mlflow", "wandb"):
+        fail_config(ConfigError("--track", [("track", f"expected mlflow, wandb or none, got {track!r}")]))
+    return configured.model_copy(update={"backend": track})
+
+
+# ------------------------------------------------------------------------------ sample formats, reconstructions
+def _temperatures_or_fail(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        fail_config(ConfigError("--temperatures", [("temperatures", f"expected e.g. 0.6,0.8,1.0, got {text!r}")]))
+    return values
+
+
+def sample_outputs(
+    run: Any, *, n: int | None, temperatures: list[float | None], fmt: str, out: Path | None, **kwargs: Any
+) -> Path:
+    """`sample` with --format folder/npz or --temperatures (the plain PNG grid stays in runs.sample_run)."""
+    from .outputs import write_samples
+
+    if fmt not in ("grid", "folder", "npz"):
+        fail_config(ConfigError("--format", [("format", f"expected grid, folder or npz, got {fmt!r}")]))
+    return write_samples(run, n=n, temperatures=temperatures, fmt=fmt, out=out, **kwargs)
+
+
+@app.command()
+def reconstruct(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `train`.", show_default=False)],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of evaluation images.")] = 16,
+    out: Annotated[Path | None, typer.Option("--out", help="PNG path (default: inside the run).")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+) -> None:
+    """A PNG grid of evaluation images, each row of inputs followed by a row of their reconstructions."""
+    from .outputs import reconstruct_run
+
+    run = _load_run_or_fail(run_dir, device)
+    try:
+        path = reconstruct_run(run, n=n, out=out)
+    except _user_errors() as err:
+        fail_user(err)
+    _console().print(f"wrote {path}")
 
 
 def main() -> None:

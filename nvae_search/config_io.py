@@ -244,6 +244,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), parse_yaml_text(raw, f"--set {key}") if raw.strip() else None
 
 
+BUDGET_KEYS = ("train.epochs", "train.steps", "train.minutes")
+
+
+def clear_other_budgets(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--set train.steps=10`` alone replaces the recipe's budget: the budget keys not set are cleared."""
+    given = [key for key in BUDGET_KEYS if key in overrides]
+    if len(given) != 1 or overrides[given[0]] is None:
+        return overrides
+    return {**{key: None for key in BUDGET_KEYS}, **overrides}
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -254,6 +265,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; the run is the user's, so it gets the mode open() would give it.
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -314,6 +327,19 @@ def differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [d for i, (a, b) in enumerate(zip(old, new, strict=True)) for d in differences(a, b, f"{path}.{i}")]
     return [] if old == new and type(old) is type(new) else [(path, old, new)]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (setting it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def dump_yaml(data: Any) -> str:

@@ -529,6 +529,16 @@ def paper_batch_warning(recipe: Recipe, world: int) -> str | None:
     )
 
 
+class TrackingConfig(_Strict):
+    """Where runs are tracked besides their run directory (also ``--track`` on the command line)."""
+
+    backend: Literal["none", "mlflow", "wandb"] = "none"
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite mlflow.db); W&B: host."
+    )
+    project: str | None = Field(None, description="MLflow experiment or W&B project (default: the study name).")
+
+
 class EvalConfig(_Strict):
     iw_samples: int = Field(1000, ge=1, description="Importance samples for the NLL.")
     batch_size: int = Field(16, ge=1, description="Images per batch during evaluation.")
@@ -546,6 +556,7 @@ class Recipe(_Strict):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig.model_validate({}))
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _data_fits_model(self) -> Recipe:
@@ -574,7 +585,18 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, pydantic_problems(exc.errors())) from None
+        raise ConfigError(source, _with_suggestions(pydantic_problems(exc.errors()))) from None
+
+
+def _with_suggestions(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Unknown keys get the closest recipe fields, from the helper that space files use."""
+    from .spaces import recipe_path_suggestions  # spaces imports this module
+
+    out = []
+    for path, reason in problems:
+        matches = recipe_path_suggestions(path) if reason.startswith("unknown key") else []
+        out.append((path, reason + (f" (did you mean {', '.join(matches)}?)" if matches else "")))
+    return out
 
 
 def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Recipe:

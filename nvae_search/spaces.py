@@ -49,7 +49,7 @@ from pydantic import (
 )
 
 from .config_io import ConfigError, pydantic_problems, read_yaml_file, set_dotted
-from .schema import Recipe, load_recipe, recipe_from_dict
+from .schema import Recipe, TrackingConfig, load_recipe, recipe_from_dict
 
 __all__ = [
     "METRICS",
@@ -489,7 +489,9 @@ class Space(_Strict):
     """One search-space file. Build it with :func:`load_space` or :func:`space_from_dict`, which also check the
     tree against the recipe schema and the base recipe; ``Space.model_validate`` alone checks the structure only."""
 
-    base_recipe: str = Field(min_length=1, description="Path of the base recipe, relative to the space file.")
+    base_recipe: str = Field(
+        min_length=1, description="Path of the base recipe, relative to the space file, or a built-in name (cpu/tiny)."
+    )
     study: StudyConfig
     budget: Budget
     repeats: Repeats = Repeats()
@@ -502,6 +504,7 @@ class Space(_Strict):
         None, description="Optuna storage URL or journal:PATH; null = journal file study.journal in the study dir."
     )
     ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     _source: Path | None = PrivateAttr(None)
     _base: tuple[dict[str, Any], dict[str, Any]] | None = PrivateAttr(None)
@@ -574,8 +577,12 @@ class Space(_Strict):
 
     @property
     def base_recipe_path(self) -> Path:
-        """The base recipe as an absolute path, resolved against the space file's folder."""
-        return self.resolve_path(self.base_recipe)
+        """The base recipe as an absolute path, resolved against the space file's folder; a path that is not
+        there but names a shipped recipe (``cpu/tiny``, or ``../recipes/cpu/tiny.yaml`` in a copied space) is it."""
+        from .builtins import shipped_base_recipe
+
+        path = self.resolve_path(self.base_recipe)
+        return path if path.is_file() else shipped_base_recipe(self.base_recipe) or path
 
     @property
     def multi_objective(self) -> bool:
@@ -645,6 +652,13 @@ def grid_values(space: Space) -> dict[str, list[Any]]:
         elif isinstance(spec, (FloatSpec, IntSpec, CategoricalSpec)):
             grid[path] = _leaf_grid(spec)
     return grid
+
+
+def space_size(space: Space) -> dict[str, Any]:
+    """What `validate` tells about a space: its parameter names, its grid size (None when not finite), trials."""
+    finite = not _grid_problems(space.space, "space")
+    grid = math.prod(len(values) for values in grid_values(space).values()) if finite else None
+    return {"parameters": list(parameter_specs(space.space)), "grid_points": grid, "n_trials": space.study.n_trials}
 
 
 def _leaf_grid(spec: FloatSpec | IntSpec | CategoricalSpec) -> list[Any]:
@@ -733,8 +747,13 @@ def _all_recipe_paths() -> tuple[str, ...]:
     return tuple(paths)
 
 
+def recipe_path_suggestions(path: str) -> list[str]:
+    """Recipe field paths close to a mistyped one (for "did you mean" in space and recipe errors)."""
+    return difflib.get_close_matches(path, _all_recipe_paths(), n=3, cutoff=0.6)
+
+
 def _not_a_field(path: str) -> str:
-    matches = difflib.get_close_matches(path, _all_recipe_paths(), n=3, cutoff=0.6)
+    matches = recipe_path_suggestions(path)
     return "not a recipe field" + (f" (did you mean {', '.join(matches)}?)" if matches else "")
 
 

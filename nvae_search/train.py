@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from . import provenance, tracking
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, check_weights, load_checkpoint, save_checkpoint
 from .config_io import atomic_write_text, differences, read_jsonl
 from .data import build_dataset, needs_binarize, prepare_batch, random_hflip
@@ -137,6 +139,7 @@ class RunSummary:
     precision: str = ""  # what numerics.precision resolved to on this device (``auto`` → fp16 or fp32)
     global_batch: int = 0
     warnings: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] | None = None  # versions, git commit, host, command line, start time
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -544,6 +547,7 @@ class Trainer:
             return
         with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
+        tracking.on_step(self.step, metrics)
         if self.writer is not None:
             for key in ("loss", "nelbo", "recon", "kl", "beta", "lambda", "lr", "grad_norm", "active_units"):
                 self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
@@ -587,6 +591,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool) -> RunSummary:
+        self.started = datetime.now(timezone.utc)
         checkpoint = self.out_dir / CHECKPOINT_NAME
         if resume and checkpoint.exists():
             self._resume(checkpoint)
@@ -700,6 +705,7 @@ class Trainer:
             precision=self.precision,
             global_batch=self.batch * self.world,
             warnings=self.warnings,
+            provenance=provenance.collect(self.started) if self.main else None,
         )
         if self.main:
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary.to_dict(), indent=2))

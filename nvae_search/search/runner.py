@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, atomic_write_text, read_json_mapping
 from ..spaces import Space, apply_params, load_space
+from ..tracking import study_tracking
 
 if TYPE_CHECKING:
     import optuna
 
+    from ..schema import TrackingConfig
     from ..train import RunSummary
 
 STUDY_FILE = "study.json"
@@ -315,8 +317,10 @@ def run_optuna_search(
     storage: str | None = None,
     root: str | Path = "runs",
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    tracking: TrackingConfig | None = None,
 ) -> Path:
-    """Run (or continue) the study in this process; returns the study directory."""
+    """Run (or continue) the study in this process; returns the study directory. ``tracking`` replaces the
+    space's ``tracking:`` (e.g. from ``--track``)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -334,12 +338,18 @@ def run_optuna_search(
     from .retention import checkpoint_callback  # budget.keep_checkpoints, after every trial
 
     callbacks = [checkpoint_callback(space, study_dir), *([on_trial] if on_trial else [])]
-    study.optimize(
-        make_objective(space, study_dir),
-        n_trials=remaining,
-        timeout=timeout,
-        catch=(TrialDiverged,),
-        callbacks=callbacks,
-        gc_after_trial=True,
+    objective, callbacks, close_tracker = study_tracking(
+        tracking or space.tracking, space, study_dir, make_objective(space, study_dir), callbacks
     )
+    try:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=timeout,
+            catch=(TrialDiverged,),
+            callbacks=callbacks,
+            gc_after_trial=True,
+        )
+    finally:
+        close_tracker()
     return study_dir
