@@ -783,7 +783,14 @@ def sample(
     if fmt != "grid" or temperatures:
         sweep = _temperatures_or_fail(temperatures) if temperatures else [temperature]
         path = sample_outputs(
-            run, n=n, temperatures=sweep, fmt=fmt, out=out, readjust_bn=readjust_bn, seed=seed, scale_pixels=scale_pixels
+            run,
+            n=n,
+            temperatures=sweep,
+            fmt=fmt,
+            out=out,
+            readjust_bn=readjust_bn,
+            seed=seed,
+            scale_pixels=scale_pixels,
         )
         _console().print(f"wrote {path}")
         return
