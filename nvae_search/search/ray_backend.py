@@ -47,15 +47,14 @@ from .runner import (
     InvalidCombination,
     _enqueue_warm_start,
     config_id,
-    create_study,
     finished_trials,
-    open_storage,
+    open_study,
+    optuna_log_file,
     outcome_from_summary,
     recover_interrupted,
-    storage_url,
     study_dir_for,
-    write_study_file,
 )
+from .storage import open_storage
 
 if TYPE_CHECKING:
     import optuna
@@ -505,16 +504,16 @@ def _fit_completed(results: Any) -> bool:
     return all(str(t.status) in ("TERMINATED", "ERROR") for t in trials)
 
 
-def _fail_orphans(study: optuna.Study) -> int:
+def _fail_orphans(study: optuna.Study, storage: Any) -> int:
     """After a finished fit, RUNNING Optuna trials of this study were asked by a driver that died before Tune
     recorded them (Tune has since run replacements): mark them FAIL, not counted, not re-queued."""
     import optuna
 
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
     return len(stale)
 
 
@@ -612,9 +611,7 @@ def run_ray_search(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_dir = study_dir_for(space, root).resolve()
-    url = storage_url(space, study_dir, storage)
-    write_study_file(space, study_dir, url, "ray")
-    study = create_study(space, url)
+    study, store, url = open_study(space, study_dir, storage, "ray")
     target = n_trials if n_trials is not None else space.study.n_trials
     exp_root = study_dir / RAY_DIR
 
@@ -624,7 +621,7 @@ def run_ray_search(
     latest = experiments[-1] if experiments else None
     restore = bool(latest and not latest[2].get("done") and tune.Tuner.can_restore(str(exp_root / latest[1])))
     if not restore:
-        recover_interrupted(study)  # RUNNING trials of a search that left nothing to restore
+        recover_interrupted(study, store)  # RUNNING trials of a search that left nothing to restore
         _enqueue_warm_start(study, space)
         remaining = target - finished_trials(study)
         if remaining <= 0:
@@ -645,10 +642,11 @@ def run_ray_search(
             info = {"index": index, "name": name, "num_samples": remaining, "done": False}
             _write_experiment_info(exp_root, info)
             tuner = _make_tuner(space, study_dir, url, name, remaining, trainable)
-        results = tuner.fit()
+        with optuna_log_file(study_dir):
+            results = tuner.fit()
         if _fit_completed(results):
             _write_experiment_info(exp_root, {**info, "done": True})
-            _fail_orphans(study)
+            _fail_orphans(study, store)
     finally:
         if owns:
             import ray
