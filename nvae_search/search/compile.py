@@ -188,7 +188,9 @@ def _base_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler
     if cfg.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.type == "grid":
-        return optuna.samplers.GridSampler(grid_search_space(space), seed=seed)
+        # The seed shuffles the order of the cells, which grid ids in the study refer to: it must be the same for
+        # every trial and process. Finished and running cells are skipped, so a continued grid still goes on.
+        return optuna.samplers.GridSampler(grid_search_space(space), seed=space.study.seed)
     if cfg.type == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
     return optuna.samplers.CmaEsSampler(n_startup_trials=cfg.n_startup_trials, seed=seed)
