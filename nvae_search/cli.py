@@ -716,6 +716,8 @@ def search(
             study_dir = run_optuna_search(
                 space, n_trials=n_trials, storage=storage, root=root, on_trial=_trial_line(console)
             )
+    except ConfigError as err:  # e.g. a storage that cannot be used: nothing was written
+        fail_config(err)
     except _user_errors() as err:
         fail_user(err)
     console.print(f"search finished in {time.perf_counter() - start:.0f} s; study directory: [bold]{study_dir}[/]")
