@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -543,7 +543,9 @@ def _make_trainable(space: Space, study_dir: Path) -> Any:
     return tune.with_resources(fn, {"cpu": res.cpu, "gpu": res.gpu})
 
 
-def _make_tuner(space: Space, study_dir: Path, url: str, name: str, num_samples: int, trainable: Any) -> Any:
+def _make_tuner(
+    space: Space, study_dir: Path, url: str, name: str, num_samples: int, trainable: Any, *, verbose: bool = False
+) -> Any:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -586,7 +588,7 @@ def _make_tuner(space: Space, study_dir: Path, url: str, name: str, num_samples:
             storage_path=str((study_dir / RAY_DIR).resolve()),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=0,
+            verbose=1 if verbose else 0,  # Ray's own tables only on request: the driver shows the search view
         ),
     )
 
@@ -598,6 +600,8 @@ def run_ray_search(
     n_trials: int | None = None,
     storage: str | None = None,
     root: str | Path = "runs",
+    on_start: Callable[[optuna.Study, int], None] | None = None,
+    verbose: bool = False,
 ) -> Path:
     """Run (or continue) the study on Ray Tune; returns the study directory (same layout as the Optuna backend,
     trial runs in ``trials/ray_<tune trial id>/``, the Tune experiment in ``ray/<study name>``).
@@ -627,6 +631,8 @@ def run_ray_search(
         if remaining <= 0:
             return study_dir
 
+    if on_start is not None:
+        on_start(study, target)
     owns = init_ray(address or space.ray.address)
     try:
         trainable = _make_trainable(space, study_dir)
@@ -641,7 +647,7 @@ def run_ray_search(
             name = space.study.name if index == 1 else f"{space.study.name}-{index}"
             info = {"index": index, "name": name, "num_samples": remaining, "done": False}
             _write_experiment_info(exp_root, info)
-            tuner = _make_tuner(space, study_dir, url, name, remaining, trainable)
+            tuner = _make_tuner(space, study_dir, url, name, remaining, trainable, verbose=verbose)
         with optuna_log_file(study_dir):
             results = tuner.fit()
         if _fit_completed(results):
