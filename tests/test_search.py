@@ -241,3 +241,16 @@ def test_a_worker_killed_mid_trial_is_replaced_by_a_live_one(tmp_path: Path) -> 
     assert {t.user_attrs["owner"]["pid"] for t in counted} == {live.pid}
     (retry,) = [t for t in counted if t.user_attrs.get("retry_of") == lost.number]
     assert retry.params == lost.params and len(set(learning_rates(study))) == 3
+
+
+def test_the_study_time_budget_stops_starting_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvae_search.search import runner
+
+    finished: list[int] = []
+    monkeypatch.setattr(runner, "_clock", lambda: 61.0 * len(finished))  # each trial "takes" 61 s
+    path = write_space(tmp_path, "timed", LR, 5, steps=2, study={"name": "timed", "n_trials": 5, "timeout_minutes": 2})
+    study_dir = run_optuna_search(
+        load_space(path), root=tmp_path / "runs", on_trial=lambda study, trial: finished.append(trial.number)
+    )
+    # Trial 0 starts at 0 s, trial 1 at 61 s; at 122 s the 2-minute budget is spent: no third trial.
+    assert finished == [0, 1] and len(load_study(study_dir)[0].trials) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -54,6 +55,9 @@ OUTCOME_KEYS = (
     "seed",
     "values",
 )
+
+
+_clock = time.monotonic  # the study's time budget is measured on this (a test replaces it)
 
 
 class TrialDiverged(Exception):
@@ -333,8 +337,6 @@ def open_study(space: Space, study_dir: Path, override: str | None, backend: str
 def optuna_log_file(study_dir: Path) -> Iterator[None]:
     """Optuna's own log lines (warnings such as "Trial 1 failed ...") go to ``optuna.log`` in the study
     directory instead of the terminal, where they would break the live view."""
-    import logging
-
     import optuna
 
     logger = logging.getLogger("optuna")
@@ -400,14 +402,14 @@ def run_optuna_search(
     study_dir = study_dir_for(space, root)
     study, store, url = open_study(space, study_dir, storage, "optuna")
     target = n_trials if n_trials is not None else space.study.n_trials
-    deadline = time.monotonic() + space.study.timeout_minutes * 60 if space.study.timeout_minutes else None
+    deadline = _clock() + space.study.timeout_minutes * 60 if space.study.timeout_minutes else None
     objective = make_objective(space, study_dir)
     if on_start is not None:
         on_start(study, target)
     with optuna_log_file(study_dir):
         with workers_lock(url):
             _enqueue_warm_start(study, space)
-        while deadline is None or time.monotonic() < deadline:
+        while deadline is None or _clock() < deadline:  # a trial that started runs to its end
             with workers_lock(url):
                 recover_interrupted(study, store, unowned_are_stale=False)
                 running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
@@ -416,7 +418,12 @@ def run_optuna_search(
                 trial = study.ask()
                 heartbeat = Heartbeat(trial).claim()
             with heartbeat:
-                _run_one(study, trial, objective)
+                try:
+                    _run_one(study, trial, objective)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # Another worker failed it as stale (no heartbeat for a grace period: storage unreachable
+                    # from here); it has been queued again, so this result is dropped and the search goes on.
+                    logging.getLogger("optuna").warning("trial %d was taken over by another worker", trial.number)
             if on_trial is not None:
                 on_trial(study, study.get_trials(deepcopy=False)[trial.number])
     return study_dir
