@@ -62,7 +62,16 @@ if TYPE_CHECKING:
     from ..schema import Recipe
     from ..spaces import Space
 
-__all__ = ["ATTEMPTS_LOG", "METRIC", "RAY_DIR", "TRIAL_PREFIX", "init_ray", "reports_per_trial", "run_ray_search"]
+__all__ = [
+    "ATTEMPTS_LOG",
+    "METRIC",
+    "RANKS_LOG",
+    "RAY_DIR",
+    "TRIAL_PREFIX",
+    "init_ray",
+    "reports_per_trial",
+    "run_ray_search",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +83,7 @@ RAY_DIR = "ray"
 TRIAL_PREFIX = "ray_"
 RAY_STATE = "ray_state.json"  # inside each Ray checkpoint, next to the copy of checkpoint.pt
 ATTEMPTS_LOG = "ray_attempts.jsonl"  # in each trial's run directory: one line per (re)start
+RANKS_LOG = "ray_ranks.jsonl"  # in a data-parallel trial's run directory: one line per rank started
 EXPERIMENT_INFO = "{name}.nvae.json"  # next to each Tune experiment folder: what it was started for
 STOP_GRACE_S = 300  # how long a reused actor may take to finish the trial that Ray stopped
 UNBOUNDED_REPORTS = 10**9  # ASHA's max_t when the number of reports is not known in advance
@@ -356,6 +366,13 @@ def _log_attempt(run_dir: Path, resumed_after_step: int | None) -> None:
         fh.write(json.dumps(line) + "\n")
 
 
+def _log_rank(run_dir: str, rank: int) -> None:
+    """One line per DDP rank that started in ``ray_ranks.jsonl``: which ranks really trained, in which world."""
+    line = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "pid": os.getpid()}
+    with open(Path(run_dir) / RANKS_LOG, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
 def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cwd: str) -> None:
     """One Ray Tune trial: train the configuration in ``<study>/trials/ray_<trial id>/`` and report."""
     from ray import tune
@@ -448,6 +465,7 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
                 resume=resume,
                 on_report=on_report,
                 device="cuda" if gpu > 0 else "cpu",
+                worker_init=functools.partial(_log_rank, str(run_dir)),
             )
         else:
             from ..train import train
