@@ -7,13 +7,13 @@ a driver killed with SIGKILL) run it in subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -208,12 +208,29 @@ def test_losing_a_worker_node_mid_trial_resumes_the_trial_elsewhere(tmp_path: Pa
 
 
 # ------------------------------------------------------------------------------------ killed driver
-DRIVER = (
-    "import sys; sys.path.insert(0, {root!r});"
-    "from nvae_search.spaces import load_space;"
-    "from nvae_search.search.ray_backend import run_ray_search;"
-    "run_ray_search(load_space({space!r}), root={runs!r})"
-)
+# The driver kills itself (SIGKILL) when it receives the first result at step >= 6 of any trial: that trial handed
+# Ray a checkpoint with its step-4 report, and with TUNE_GLOBAL_CHECKPOINT_S=0 Tune saved the experiment state
+# (which now refers to that checkpoint) at the end of the event loop step that processed it, before this result.
+DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from nvae_search.spaces import load_space
+from nvae_search.search import ray_backend
+
+kill_at = int(os.environ.get("NVAE_TEST_KILL_DRIVER_AT_STEP", "0"))
+searcher = ray_backend._searcher_class()
+real_on_trial_result = searcher.on_trial_result
+
+
+def on_trial_result(self, trial_id, result):
+    if kill_at and not result.get("final") and result.get("step", 0) >= kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_on_trial_result(self, trial_id, result)
+
+
+searcher.on_trial_result = on_trial_result
+ray_backend.run_ray_search(load_space({space!r}), root={runs!r})
+"""
 
 
 def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: Path) -> None:
@@ -232,24 +249,22 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
     runs = tmp_path / "runs"
     command = [sys.executable, "-c", DRIVER.format(root=str(ROOT), space=str(path), runs=str(runs))]
     trials_dir = runs / "killed" / "trials"
+    env = {**subprocess_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     first = subprocess.Popen(
-        command, env=subprocess_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command,
+        env={**env, "NVAE_TEST_KILL_DRIVER_AT_STEP": "6"},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and first.poll() is None:
-            if _driver_recorded_a_checkpoint(runs / "killed"):
-                break
-            time.sleep(0.2)
-        assert first.poll() is None, "the search ended before it could be killed"
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
+        assert first.wait(timeout=300) == -signal.SIGKILL, "the driver should have killed itself at step 6"
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # the local Ray instance the driver started
     killed_dirs = {d.name for d in trials_dir.glob("ray_*")}
 
-    second = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     study = load_study(runs / "killed")[0]
     assert finished_trials(study) == 3 and not study.get_trials(states=(State.RUNNING,))
@@ -264,16 +279,6 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
         for line in (d / ATTEMPTS_LOG).read_text().splitlines()[1:]
     ]
     assert any(step and step >= 2 for step in resumed), "no trial continued from its checkpoint"
-
-
-def _driver_recorded_a_checkpoint(study_dir: Path) -> bool:
-    """A trial checkpoint exists and the driver has written its experiment state since (plus a margin for it to
-    have registered that checkpoint): only then can a restored experiment know of it. Ray writes the state at most
-    every 10 s, and at once after a trial's ``num_to_keep``-th checkpoint."""
-    checkpoints = [c.stat().st_mtime for c in study_dir.glob("ray/*/*/checkpoint_*")]
-    states = [s.stat().st_mtime for s in study_dir.glob("ray/*/experiment_state*.json")]
-    running = [d for d in (study_dir / "trials").glob("ray_*") if not (d / "summary.json").exists()]
-    return bool(checkpoints and states and running) and max(states) > min(checkpoints) + 0.5
 
 
 # ------------------------------------------------------------------------------------------ resume / address
