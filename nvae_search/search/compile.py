@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -174,7 +175,9 @@ def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
             str(space.source or "<space>"),
             [("sampler.type", "cmaes needs the optional 'cmaes' package (pip install cmaes), which is not installed")],
         )
-    return _trial_seeded_class()(space)
+    sampler = _trial_seeded_class()(space)
+    _base_sampler(space, space.study.seed)  # options Optuna rejects or warns about: here, once, not per trial
+    return sampler
 
 
 def _base_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -222,7 +225,10 @@ def _trial_seeded_class() -> type:
         def _for(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
             sampler = self._by_trial.get(trial.number)
             if sampler is None:
-                sampler = _base_sampler(self._space, trial_seed(self._space.study.seed, trial.number))
+                with warnings.catch_warnings():
+                    # e.g. "multivariate is experimental": said once by make_sampler, not again for every trial
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    sampler = _base_sampler(self._space, trial_seed(self._space.study.seed, trial.number))
                 self._by_trial[trial.number] = sampler
             return sampler
 
