@@ -651,7 +651,14 @@ def run_ray_search(
 
     if on_start is not None:
         on_start(study, target)
-    owns = init_ray(address or space.ray.address)
+    quiet: dict[str, Any] = {}
+    if not verbose:
+        # The driver shows the search view; Ray's own experiment table, INFO lines and the trials' forwarded
+        # output only with -v (trial errors stay in Ray's result files and the trials' status).
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    owns = init_ray(address or space.ray.address, **quiet)
     try:
         trainable = _make_trainable(space, study_dir)
         if restore:
