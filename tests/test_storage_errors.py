@@ -114,12 +114,18 @@ def test_sqlite_storage_through_the_cli(tmp_path: Path) -> None:
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
 
 
-def test_a_relative_journal_path_is_kept_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("given", "recorded"),
+    [("journal:shared/st.journal", "journal:{}/shared/st.journal"), ("sqlite:///st.db", "sqlite:///{}/st.db")],
+)
+def test_a_relative_storage_path_is_recorded_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str, recorded: str
+) -> None:
     monkeypatch.chdir(tmp_path)
-    result = search(str(write_space(tmp_path)), "--root", "runs", "--storage", "journal:shared/st.journal")
+    result = search(str(write_space(tmp_path)), "--root", "runs", "--storage", given)
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "runs" / "st" / "study.json").read_text())
-    assert info["storage"] == f"journal:{tmp_path / 'shared' / 'st.journal'}"
+    assert info["storage"] == recorded.format(tmp_path)
     monkeypatch.chdir(ROOT)  # report and resumes find the study from anywhere
     assert len(load_study(tmp_path / "runs" / "st")[0].trials) == 1
 

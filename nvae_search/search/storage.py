@@ -43,14 +43,23 @@ def resolve_storage_url(space: Any, study_dir: Path, override: str | None) -> tu
                 "--storage",
                 "--storage",
             )
-        return override, "--storage", "--storage"
+        return _absolute_sqlite(override), "--storage", "--storage"
     source = str(space.source or "<space>")
     if space.storage is None:
         return f"{JOURNAL_PREFIX}{(study_dir / 'study.journal').resolve()}", source, "storage"
     if space.storage.startswith(JOURNAL_PREFIX):
         path = space.resolve_path(space.storage.removeprefix(JOURNAL_PREFIX).strip())
         return f"{JOURNAL_PREFIX}{Path(path).resolve()}", source, "storage"
-    return space.storage, source, "storage"
+    return _absolute_sqlite(space.storage), source, "storage"
+
+
+def _absolute_sqlite(url: str) -> str:
+    """``sqlite:///rel/x.db`` (relative to the working directory) with the path made absolute, so that study.json
+    finds the same file from any directory; other URLs unchanged."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url.startswith(prefix + "/") or url[len(prefix) :] in ("", ":memory:"):
+        return url
+    return prefix + str(Path(url[len(prefix) :]).resolve())
 
 
 def _writable_location(path: Path) -> str | None:
