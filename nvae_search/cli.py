@@ -821,8 +821,17 @@ def search(
     address: Annotated[str | None, typer.Option("--address", help="Ray: local, auto or HOST:PORT.")] = None,
     root: Annotated[Path, typer.Option("--root", help="Folder of study directories.")] = Path("runs"),
     track: TrackOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per finished trial, no live view.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Trial lines with parameters; Ray's own progress tables.")
+    ] = False,
 ) -> None:
-    """Run (or continue) a search; prints the study directory to pass to `report`."""
+    """Run (or continue) a search; prints the study directory to pass to `report`.
+
+    Start the same command several times (one worker per GPU, or one per machine on a shared journal file or
+    database URL) to share one study: n_trials is the study's total."""
+    from .search.view import SearchView
+
     space = _load_space_or_fail(space_file)
     if backend not in ("optuna", "ray"):
         fail_config(ConfigError("--backend", [("backend", f"expected optuna or ray, got {backend!r}")]))
@@ -830,42 +839,36 @@ def search(
     if backend == "ray" and tracking.backend != "none":
         fail_config(ConfigError("--track", [("tracking", "tracking works with the optuna backend only, not ray")]))
     console = _console()
+    view = SearchView(_console(stderr=True), steps=space.budget.steps, quiet=quiet, verbose=verbose)
     start = time.perf_counter()
     try:
         if backend == "ray":
             from .search.ray_backend import run_ray_search
 
-            study_dir = run_ray_search(space, address=address, n_trials=n_trials, storage=storage, root=root)
+            study_dir = run_ray_search(
+                space,
+                address=address,
+                n_trials=n_trials,
+                storage=storage,
+                root=root,
+                on_start=view.start,
+                verbose=verbose,
+            )
         else:
             from .search.runner import run_optuna_search
 
             study_dir = run_optuna_search(
-                space,
-                n_trials=n_trials,
-                storage=storage,
-                root=root,
-                on_trial=_trial_line(console),
-                tracking=tracking,
+                space, n_trials=n_trials, storage=storage, root=root, on_start=view.start, tracking=tracking
             )
+    except ConfigError as err:  # e.g. a storage that cannot be used: nothing was written
+        fail_config(err)
     except _user_errors() as err:
         fail_user(err)
+    finally:
+        view.stop()
     console.print(f"search finished in {time.perf_counter() - start:.0f} s; study directory: [bold]{study_dir}[/]")
     console.print(f"next: nvae-search report {study_dir}")
     typer.echo(str(study_dir))
-
-
-def _trial_line(console: Console) -> Any:
-    def on_trial(study: Any, trial: Any) -> None:
-        attrs = trial.user_attrs
-        value = "" if trial.values is None else " ".join(f"{v:.4g}" for v in trial.values)
-        status = attrs.get("status", trial.state.name.lower())
-        extra = f" at step {attrs['diverged_step']}" if attrs.get("diverged_step") else ""
-        console.print(
-            f"trial {trial.number:3d}  {status:<10} {value} {attrs.get('unit', '')}{extra}"
-            f"  ({attrs.get('trial_s', 0):.1f} s)"
-        )
-
-    return on_trial
 
 
 @app.command()

@@ -77,6 +77,15 @@ _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+
 _PRIMITIVES = (str, int, float, bool, type(None))
 
 
+def storage_form_problem(storage: str) -> str | None:
+    """Why ``storage`` (the space's ``storage:`` key or ``--storage``) is not a storage URL; None when it is one."""
+    if storage.startswith("journal:") and storage.removeprefix("journal:").strip():
+        return None
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage):
+        return None
+    return "expected an Optuna storage URL (sqlite:///study.db, postgresql://...) or journal:PATH"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -551,13 +560,10 @@ class Space(_Strict):
     @field_validator("storage")
     @classmethod
     def _storage_form(cls, storage: str | None) -> str | None:
-        if storage is None:
-            return None
-        if storage.startswith("journal:") and storage.removeprefix("journal:").strip():
-            return storage
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", storage):
-            return storage
-        raise ValueError("expected an Optuna storage URL (sqlite:///study.db, postgresql://...) or journal:PATH")
+        problem = None if storage is None else storage_form_problem(storage)
+        if problem:
+            raise ValueError(problem)
+        return storage
 
     @field_validator("ray")
     @classmethod

@@ -27,15 +27,15 @@ def attempts(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def last_step(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return 0
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    try:
-        return json.loads(lines[-1])["step"] if lines else 0
-    except ValueError:  # a line being written
-        return 0
+def ray_checkpoint_step(study_dir: Path, trial_id: str) -> int:
+    """The report step of the newest complete Ray checkpoint of a trial (0: none yet)."""
+    steps = [0]
+    for state in study_dir.glob(f"ray/*/*{trial_id}*/checkpoint_*/ray_state.json"):
+        try:
+            steps.append(int(json.loads(state.read_text())["reported_step"]))
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+    return max(steps)
 
 
 def main() -> None:
@@ -48,7 +48,6 @@ def main() -> None:
     from nvae_search.spaces import load_space
 
     space = load_space(space_file)
-    every = space.budget.report_every_steps
     report: dict = {"removed": False}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1)
@@ -58,16 +57,18 @@ def main() -> None:
     trials_dir = root / space.study.name / "trials"
 
     def kill_worker_mid_trial() -> None:
+        # The node goes once Ray holds a checkpoint of the trial running on it (the checkpoint folder in the
+        # experiment, written at a known report), so the restarted attempt must resume from that step.
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             for run_dir in trials_dir.glob("ray_*"):
                 on_worker = any(a.get("node_id") == worker.node_id for a in attempts(run_dir))
-                # A checkpoint reaches Ray from the third report on (it is saved right after each report).
-                if on_worker and last_step(run_dir) >= 2 * every:
-                    report.update(removed=True, removed_at_step=last_step(run_dir), victim=run_dir.name)
+                step = ray_checkpoint_step(root / space.study.name, run_dir.name.removeprefix("ray_"))
+                if on_worker and step >= 2:
+                    report.update(removed=True, removed_after_checkpoint_of_step=step, victim=run_dir.name)
                     cluster.remove_node(worker, allow_graceful=False)
                     return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_worker_mid_trial, daemon=True)
     killer.start()

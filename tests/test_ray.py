@@ -7,13 +7,13 @@ a driver killed with SIGKILL) run it in subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import optuna
 import pytest
 import yaml
 
-from nvae_search.search.ray_backend import ATTEMPTS_LOG, reports_per_trial, run_ray_search
+from nvae_search.search.ray_backend import ATTEMPTS_LOG, RANKS_LOG, init_ray, reports_per_trial, run_ray_search
 from nvae_search.search.runner import finished_trials, load_study
 from nvae_search.spaces import load_space
 
@@ -168,6 +168,9 @@ def test_a_data_parallel_trial_trains_with_two_ddp_workers(ray_session: None, tm
     assert (
         json.loads((run_dir / "recipe.resolved.yaml").exists() and (run_dir / "summary.json").read_text())["steps"] == 8
     )
+    ranks = [json.loads(line) for line in (run_dir / RANKS_LOG).read_text().splitlines()]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert len({r["pid"] for r in ranks}) == 2
     assert not multiprocessing.active_children()
 
 
@@ -195,23 +198,39 @@ def test_losing_a_worker_node_mid_trial_resumes_the_trial_elsewhere(tmp_path: Pa
     assert report["removed"], "the worker node was never removed mid-trial"
     states = {t["state"] for t in report["trials"]}
     assert len(report["trials"]) == 2 and "RUNNING" not in states
-    for trial in report["trials"]:
-        # Completed, or honestly failed with a status: nothing is left RUNNING or silently lost.
-        assert trial["state"] in ("COMPLETE", "FAIL") and trial["status"] in ("completed", "error", "diverged")
-    victim = report["attempts"][report["victim"]]
-    assert victim[0]["node_id"] == report["worker_node_id"]
-    if len(victim) > 1:  # restarted elsewhere, from the checkpoint it had handed Ray
-        assert victim[-1]["node_id"] != report["worker_node_id"] and victim[-1]["resumed_after_step"] >= 2
-        assert next(t for t in report["trials"] if t["run_dir"].endswith(report["victim"]))["state"] == "COMPLETE"
+    assert all(t["state"] == "COMPLETE" and t["status"] == "completed" for t in report["trials"]), report["trials"]
+    # The trial on the lost node ran exactly twice: first there, then on the head node, resumed from the
+    # checkpoint it had handed Ray before the node went (not from scratch).
+    first, second = report["attempts"][report["victim"]]
+    assert first["node_id"] == report["worker_node_id"] and first["resumed_after_step"] is None
+    assert second["node_id"] != report["worker_node_id"] and second["resumed_after_step"] >= 2
+    assert report["removed_after_checkpoint_of_step"] >= 2
 
 
 # ------------------------------------------------------------------------------------ killed driver
-DRIVER = (
-    "import sys; sys.path.insert(0, {root!r});"
-    "from nvae_search.spaces import load_space;"
-    "from nvae_search.search.ray_backend import run_ray_search;"
-    "run_ray_search(load_space({space!r}), root={runs!r})"
-)
+# The driver kills itself (SIGKILL) when it receives the first result at step >= 6 of any trial: that trial handed
+# Ray a checkpoint with its step-4 report, and with TUNE_GLOBAL_CHECKPOINT_S=0 Tune saved the experiment state
+# (which now refers to that checkpoint) at the end of the event loop step that processed it, before this result.
+DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from nvae_search.spaces import load_space
+from nvae_search.search import ray_backend
+
+kill_at = int(os.environ.get("NVAE_TEST_KILL_DRIVER_AT_STEP", "0"))
+searcher = ray_backend._searcher_class()
+real_on_trial_result = searcher.on_trial_result
+
+
+def on_trial_result(self, trial_id, result):
+    if kill_at and not result.get("final") and result.get("step", 0) >= kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_on_trial_result(self, trial_id, result)
+
+
+searcher.on_trial_result = on_trial_result
+ray_backend.run_ray_search(load_space({space!r}), root={runs!r})
+"""
 
 
 def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: Path) -> None:
@@ -230,24 +249,22 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
     runs = tmp_path / "runs"
     command = [sys.executable, "-c", DRIVER.format(root=str(ROOT), space=str(path), runs=str(runs))]
     trials_dir = runs / "killed" / "trials"
+    env = {**subprocess_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     first = subprocess.Popen(
-        command, env=subprocess_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command,
+        env={**env, "NVAE_TEST_KILL_DRIVER_AT_STEP": "6"},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and first.poll() is None:
-            if _driver_recorded_a_checkpoint(runs / "killed"):
-                break
-            time.sleep(0.2)
-        assert first.poll() is None, "the search ended before it could be killed"
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
+        assert first.wait(timeout=300) == -signal.SIGKILL, "the driver should have killed itself at step 6"
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # the local Ray instance the driver started
     killed_dirs = {d.name for d in trials_dir.glob("ray_*")}
 
-    second = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     study = load_study(runs / "killed")[0]
     assert finished_trials(study) == 3 and not study.get_trials(states=(State.RUNNING,))
@@ -264,11 +281,71 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
     assert any(step and step >= 2 for step in resumed), "no trial continued from its checkpoint"
 
 
-def _driver_recorded_a_checkpoint(study_dir: Path) -> bool:
-    """A trial checkpoint exists and the driver has written its experiment state since (plus a margin for it to
-    have registered that checkpoint): only then can a restored experiment know of it. Ray writes the state at most
-    every 10 s, and at once after a trial's ``num_to_keep``-th checkpoint."""
-    checkpoints = [c.stat().st_mtime for c in study_dir.glob("ray/*/*/checkpoint_*")]
-    states = [s.stat().st_mtime for s in study_dir.glob("ray/*/experiment_state*.json")]
-    running = [d for d in (study_dir / "trials").glob("ray_*") if not (d / "summary.json").exists()]
-    return bool(checkpoints and states and running) and max(states) > min(checkpoints) + 0.5
+# ------------------------------------------------------------------------------------------ resume / address
+def test_a_continued_ray_study_draws_new_points(ray_session: None, tmp_path: Path) -> None:
+    path = write_space(
+        tmp_path,
+        "again",
+        {"train.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
+        3,
+        steps=2,
+        every=2,
+        ray={"max_concurrent": 2, "scheduler": {"type": "none"}},
+    )
+    study_dir = run_ray_search(load_space(path), root=tmp_path / "runs")
+    first = [t.params["train.learning_rate"] for t in load_study(study_dir)[0].trials]
+    run_ray_search(load_space(path), root=tmp_path / "runs", n_trials=6)
+    study = load_study(study_dir)[0]
+    rates = [t.params["train.learning_rate"] for t in study.trials]
+    assert len(rates) == 6 and len(set(rates)) == 6 and set(first) <= set(rates)
+    assert all(t.state == State.COMPLETE for t in study.trials)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        (None, {"address": "local", "num_cpus": os.cpu_count(), "include_dashboard": False}),
+        ("local", {"address": "local", "num_cpus": os.cpu_count(), "include_dashboard": False}),
+        ("auto", {"address": "auto"}),
+        ("ray://head:10001", {"address": "ray://head:10001"}),
+        ("10.0.0.5:6379", {"address": "10.0.0.5:6379"}),
+    ],
+)
+def test_ray_address_reaches_ray_init(monkeypatch: pytest.MonkeyPatch, address: str | None, expected: dict) -> None:
+    import ray
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert init_ray(address) is True
+    assert calls == [expected]
+    # A remote head (Ray >= 2.59) needs token auth, or ray.init retries InvalidAuthToken for ever.
+    assert os.environ.get("RAY_AUTH_MODE") == ("token" if address == "10.0.0.5:6379" else None)
+
+
+def test_search_address_option_is_passed_to_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from nvae_search.cli import app
+    from nvae_search.search import ray_backend
+
+    class Stop(Exception):
+        pass
+
+    seen: list[str | None] = []
+
+    def fake_init(address: str | None = "local", **kwargs: Any) -> bool:
+        seen.append(address)
+        raise Stop
+
+    monkeypatch.setattr(ray_backend, "init_ray", fake_init)
+    path = write_space(
+        tmp_path, "addr", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
+    )
+    root = ["--root", str(tmp_path / "runs"), "--backend", "ray", "-q"]
+    result = CliRunner().invoke(app, ["search", str(path), *root, "--address", "10.0.0.5:6379"])
+    assert isinstance(result.exception, Stop)
+    result = CliRunner().invoke(app, ["search", str(path), *root])
+    assert isinstance(result.exception, Stop)
+    assert seen == ["10.0.0.5:6379", "local"]  # without --address: the space's ray.address (default local)

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 
-from nvae_search.search.runner import load_study, run_optuna_search
+from nvae_search.search.compile import make_define_by_run
+from nvae_search.search.runner import create_study, load_study, run_optuna_search
 from nvae_search.spaces import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,36 +93,166 @@ def test_a_combination_the_schema_rejects_is_pruned_with_the_reason(tmp_path: Pa
     assert "divisible" in trial.user_attrs["cause"]
 
 
+# A worker process as a user starts it, with two test-only hooks (monkeypatching the runner in the child):
+# NVAE_TEST_DIE_AT="k:s" SIGKILLs the process at the first report at step >= s of its k-th trial (after the
+# checkpoint of that report), and NVAE_TEST_WAIT_FOR=FILE holds it after each finished trial until FILE exists.
 _DRIVER = """
-import sys
+import os, signal, sys, time
+from pathlib import Path
 from nvae_search.spaces import load_space
-from nvae_search.search.runner import run_optuna_search
-run_optuna_search(load_space(sys.argv[1]), root=sys.argv[2])
+from nvae_search.search import runner
+
+die_at = os.environ.get("NVAE_TEST_DIE_AT")
+if die_at:
+    die_trial, die_step = (int(x) for x in die_at.split(":"))
+    real_run_trial, started = runner.run_trial, []
+
+    def run_trial(space, values, run_dir, report=None, resume=False):
+        started.append(run_dir)
+
+        def dying_report(step, nelbo):
+            if len(started) == die_trial and step >= die_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return report(step, nelbo)
+
+        return real_run_trial(space, values, run_dir, dying_report, resume)
+
+    runner.run_trial = run_trial
+
+wait_for = os.environ.get("NVAE_TEST_WAIT_FOR")
+
+
+def on_trial(study, trial):
+    while wait_for and not Path(wait_for).exists():
+        time.sleep(0.05)
+
+
+runner.run_optuna_search(load_space(sys.argv[1]), root=sys.argv[2], on_trial=on_trial)
 """
 
 
+def start_worker(path: Path, root: Path, **env: str) -> subprocess.Popen:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen([sys.executable, "-c", _DRIVER, str(path), str(root)], env=full, start_new_session=True)
+
+
+def learning_rates(study: optuna.Study) -> list[float]:
+    return [t.params["train.learning_rate"] for t in study.trials if not t.user_attrs.get("interrupted")]
+
+
+LR = {"train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+
+
 def test_sigkill_mid_trial_then_rerun_completes_without_lost_or_duplicated_trials(tmp_path: Path) -> None:
-    lr = {"train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
-    path = write_space(tmp_path, "killed", lr, 3, steps=40)
+    path = write_space(tmp_path, "killed", LR, 3, steps=12)
     root = tmp_path / "runs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(path), str(root)], env=env, start_new_session=True)
-    second_trial = root / "killed" / "trials" / "0001" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not second_trial.exists():
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = start_worker(path, root, NVAE_TEST_DIE_AT="2:8")  # dies at step 8 of its second trial
+    assert proc.wait(timeout=300) == -signal.SIGKILL
     study = load_study(root / "killed")[0]
-    assert study.get_trials(states=(State.RUNNING,)), "the kill should leave a trial running"
-    killed_params = study.get_trials(states=(State.RUNNING,))[0].params
-    assert subprocess.run([sys.executable, "-c", _DRIVER, str(path), str(root)], env=env, timeout=300).returncode == 0
+    (killed,) = study.get_trials(states=(State.RUNNING,))
+    assert killed.number == 1 and killed.user_attrs["progress"] == 4  # its last report before step 8
+    assert start_worker(path, root).wait(timeout=300) == 0
     study = load_study(root / "killed")[0]
     counted = [t for t in study.trials if not t.user_attrs.get("interrupted")]
     interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
     assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted)
-    assert len(interrupted) == 1 and interrupted[0].state == State.FAIL
-    assert interrupted[0].params == killed_params
-    # The interrupted configuration was re-run, and every counted trial has a distinct run directory.
-    assert any(t.params == killed_params for t in counted)
+    assert [t.number for t in interrupted] == [1] and interrupted[0].state == State.FAIL
+    # The interrupted configuration was re-run once, and every counted trial has distinct parameters.
+    (retry,) = [t for t in counted if t.user_attrs.get("retry_of") == 1]
+    assert retry.params == killed.params
+    assert len(set(learning_rates(study))) == 3
     assert len({t.user_attrs["run_dir"] for t in counted}) == 3
+
+
+def test_a_continued_study_draws_new_points(tmp_path: Path) -> None:
+    path = write_space(tmp_path, "resumed", LR, 3, steps=2)
+    root = tmp_path / "runs"
+    study_dir = run_optuna_search(load_space(path), root=root)
+    first = learning_rates(load_study(study_dir)[0])
+    run_optuna_search(load_space(path), root=root, n_trials=6)
+    rates = learning_rates(load_study(study_dir)[0])
+    assert rates[:3] == first and len(rates) == 6 and len(set(rates)) == 6
+
+
+SAMPLERS = {
+    "tpe": {"type": "tpe", "n_startup_trials": 2},
+    "random": {"type": "random"},
+    "nsga2": {"type": "nsga2", "population_size": 2},
+    "grid": {"type": "grid"},
+    "cmaes": {"type": "cmaes", "n_startup_trials": 2},
+}
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("kind", list(SAMPLERS))
+def test_every_sampler_continues_where_it_left_off_and_a_fresh_run_is_reproducible(tmp_path: Path, kind: str) -> None:
+    if kind == "cmaes":
+        pytest.importorskip("cmaes")
+    grid = {"train.learning_rate": {"type": "categorical", "choices": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]}}
+    cont = {
+        "train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        "train.weight_decay": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+    }
+    path = write_space(tmp_path, kind, grid if kind == "grid" else cont, 6, sampler=SAMPLERS[kind])
+    space = load_space(path)
+
+    def draw(journal: Path, count: int) -> list[tuple]:
+        # A new process's view of the study: a new sampler object on the stored trials.
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        study = create_study(space, f"journal:{journal}", storage)
+        for _ in range(count):
+            trial = study.ask()
+            define(trial)
+            study.tell(trial, trial.params["train.learning_rate"])
+        return [tuple(sorted(t.params.items())) for t in study.trials]
+
+    define = make_define_by_run(space)
+    draw(tmp_path / "a.journal", 3)
+    points = draw(tmp_path / "a.journal", 3)
+    assert len(set(points)) == 6, points
+    assert draw(tmp_path / "b.journal", 3) == points[:3]
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_concurrent_workers_share_one_study(tmp_path: Path, workers: int) -> None:
+    target = workers + 2
+    path = write_space(tmp_path, "shared", LR, target, steps=2)
+    root = tmp_path / "runs"
+    procs = [start_worker(path, root) for _ in range(workers)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * workers
+    study = load_study(root / "shared")[0]
+    assert len(study.trials) == target and all(t.state == State.COMPLETE for t in study.trials)
+    assert len(set(learning_rates(study))) == target
+    assert {t.user_attrs["owner"]["pid"] for t in study.trials} <= {p.pid for p in procs}
+
+
+def test_a_worker_killed_mid_trial_is_replaced_by_a_live_one(tmp_path: Path) -> None:
+    path = write_space(tmp_path, "lost", LR, 3, steps=12)
+    root = tmp_path / "runs"
+    released = tmp_path / "released"
+    live = start_worker(path, root, NVAE_TEST_WAIT_FOR=str(released))  # holds after its first trial
+    doomed = start_worker(path, root, NVAE_TEST_DIE_AT="1:4")
+    assert doomed.wait(timeout=300) == -signal.SIGKILL
+    released.touch()
+    assert live.wait(timeout=300) == 0
+    study = load_study(root / "lost")[0]
+    (lost,) = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert lost.state == State.FAIL and lost.user_attrs["owner"]["pid"] == doomed.pid
+    counted = [t for t in study.trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted)
+    assert {t.user_attrs["owner"]["pid"] for t in counted} == {live.pid}
+    (retry,) = [t for t in counted if t.user_attrs.get("retry_of") == lost.number]
+    assert retry.params == lost.params and len(set(learning_rates(study))) == 3
+
+
+def test_the_study_time_budget_stops_starting_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvae_search.search import runner
+
+    finished: list[int] = []
+    monkeypatch.setattr(runner, "_clock", lambda: 61.0 * len(finished))  # each trial "takes" 61 s
+    path = write_space(tmp_path, "timed", LR, 5, steps=2, study={"name": "timed", "n_trials": 5, "timeout_minutes": 2})
+    study_dir = run_optuna_search(
+        load_space(path), root=tmp_path / "runs", on_trial=lambda study, trial: finished.append(trial.number)
+    )
+    # Trial 0 starts at 0 s, trial 1 at 61 s; at 122 s the 2-minute budget is spent: no third trial.
+    assert finished == [0, 1] and len(load_study(study_dir)[0].trials) == 2

@@ -25,7 +25,6 @@ from nvae_search.search.compile import (
     make_ray_space_fn,
     make_sampler,
     resolve_flat_params,
-    storage_for,
 )
 from nvae_search.spaces import Space, apply_params, load_space, space_json_schema
 
@@ -249,19 +248,6 @@ def test_multi_objective_defaults_to_no_pruning(tmp_path: Path) -> None:
     assert space.pruner.type == "none" and space.ray.scheduler.type == "none"
     assert directions(space) == ["minimize", "minimize"]
     assert isinstance(make_pruner(space), optuna.pruners.NopPruner)
-
-
-def test_storage_choices(tmp_path: Path, space: Space) -> None:
-    default = storage_for(space, tmp_path / "runs" / "unit")
-    assert isinstance(default, optuna.storages.JournalStorage)
-    assert (tmp_path / "runs" / "unit").is_dir()
-    data = copy.deepcopy(SPACE)
-    data["storage"] = "journal:journals/unit.journal"
-    journal = load_space(write_space(tmp_path, data))
-    assert isinstance(storage_for(journal, tmp_path / "x"), optuna.storages.JournalStorage)
-    assert (tmp_path / "journals").is_dir()
-    data["storage"] = "sqlite:///study.db"
-    assert storage_for(load_space(write_space(tmp_path, data)), tmp_path) == "sqlite:///study.db"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cmaes") is not None, reason="cmaes is installed")

@@ -9,9 +9,10 @@ module imports without it.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config_io import ConfigError
@@ -38,7 +39,8 @@ __all__ = [
     "make_ray_space_fn",
     "make_sampler",
     "resolve_flat_params",
-    "storage_for",
+    "sampler_exhausted",
+    "trial_seed",
 ]
 
 
@@ -167,9 +169,21 @@ def directions(space: Space) -> list[str]:
 
 
 def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
+    """The space's sampler, seeded per trial from ``study.seed`` and the trial number (see :class:`TrialSeeded`)."""
+    if space.sampler.type == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        raise ConfigError(
+            str(space.source or "<space>"),
+            [("sampler.type", "cmaes needs the optional 'cmaes' package (pip install cmaes), which is not installed")],
+        )
+    sampler = _trial_seeded_class()(space)
+    _base_sampler(space, space.study.seed)  # options Optuna rejects or warns about: here, once, not per trial
+    return sampler
+
+
+def _base_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
     import optuna
 
-    cfg, seed = space.sampler, space.study.seed
+    cfg = space.sampler
     if cfg.type == "tpe":
         return optuna.samplers.TPESampler(
             n_startup_trials=cfg.n_startup_trials, multivariate=cfg.multivariate, group=cfg.group, seed=seed
@@ -177,15 +191,98 @@ def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
     if cfg.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.type == "grid":
-        return optuna.samplers.GridSampler(grid_search_space(space), seed=seed)
+        # The seed shuffles the order of the cells, which grid ids in the study refer to: it must be the same for
+        # every trial and process. Finished and running cells are skipped, so a continued grid still goes on.
+        return optuna.samplers.GridSampler(grid_search_space(space), seed=space.study.seed)
     if cfg.type == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
-    if importlib.util.find_spec("cmaes") is None:
-        raise ConfigError(
-            str(space.source or "<space>"),
-            [("sampler.type", "cmaes needs the optional 'cmaes' package (pip install cmaes), which is not installed")],
-        )
     return optuna.samplers.CmaEsSampler(n_startup_trials=cfg.n_startup_trials, seed=seed)
+
+
+def trial_seed(study_seed: int | None, trial_number: int) -> int | None:
+    """The sampler seed of one trial: a fresh run is reproducible, and no two trials of a study share a seed."""
+    if study_seed is None:
+        return None
+    return (study_seed * 1_000_003 + trial_number) % 2**32
+
+
+@functools.cache
+def _trial_seeded_class() -> type:
+    import optuna
+
+    class TrialSeeded(optuna.samplers.BaseSampler):
+        """The space's sampler, built afresh for each trial with :func:`trial_seed` of its number.
+
+        A sampler seeded once per process replays its draws whenever a study is continued (and every concurrent
+        worker draws the same points). All Optuna samplers used here keep their state in the study (trial and
+        system attributes), so a per-trial instance loses nothing; the trial number is unique across processes.
+        """
+
+        def __init__(self, space: Space) -> None:
+            self._space = space
+            self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
+
+        def _for(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
+            sampler = self._by_trial.get(trial.number)
+            if sampler is None:
+                with warnings.catch_warnings():
+                    # e.g. "multivariate is experimental": said once by make_sampler, not again for every trial
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    sampler = _base_sampler(self._space, trial_seed(self._space.study.seed, trial.number))
+                self._by_trial[trial.number] = sampler
+            return sampler
+
+        def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
+            return self._for(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(
+            self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict
+        ) -> dict[str, Any]:
+            return self._for(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(
+            self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str, param_distribution: Any
+        ) -> Any:
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            self._for(trial).before_trial(study, trial)
+
+        def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: Any, values: Any) -> None:
+            sampler = self._for(trial)
+            # GridSampler.after_trial only calls study.stop() once the grid is done, which raises outside
+            # study.optimize (ask-and-tell, Ray); the search loops ask sampler_exhausted() instead.
+            if not isinstance(sampler, optuna.samplers.GridSampler):
+                sampler.after_trial(study, trial, state, values)
+            self._by_trial.pop(trial.number, None)
+
+        def reseed_rng(self) -> None:
+            pass  # every trial's seed is fixed by its number
+
+    TrialSeeded.__module__ = __name__
+    TrialSeeded.__qualname__ = "TrialSeeded"
+    return TrialSeeded
+
+
+def sampler_exhausted(study: optuna.Study) -> bool:
+    """Whether the study's sampler has nothing new left to draw (a grid whose cells are all finished or running)."""
+    import optuna
+
+    sampler = study.sampler
+    if not isinstance(sampler, _trial_seeded_class()) or sampler._space.sampler.type != "grid":
+        return False
+    if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        return False  # queued points (warm start, re-runs of interrupted trials) come first
+    grid = _base_sampler(sampler._space, None)
+    assert isinstance(grid, optuna.samplers.GridSampler)
+    return grid.is_exhausted(study)
+
+
+def __getattr__(name: str) -> Any:
+    # Pickle finds the sampler class by name when Ray restores its searcher (PEP 562 module attribute).
+    if name == "TrialSeeded":
+        return _trial_seeded_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_pruner(space: Space) -> optuna.pruners.BasePruner:
@@ -207,16 +304,3 @@ def make_pruner(space: Space) -> optuna.pruners.BasePruner:
     if cfg.type == "threshold":
         return optuna.pruners.ThresholdPruner(lower=cfg.lower, upper=cfg.upper, n_warmup_steps=cfg.n_warmup_steps)
     return optuna.pruners.NopPruner()
-
-
-def storage_for(space: Space, study_dir: Path) -> optuna.storages.BaseStorage | str:
-    """The study's storage: a journal file in ``study_dir`` by default, ``journal:PATH`` (relative to the space
-    file), or an Optuna storage URL passed through as is."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    if space.storage is None or space.storage.startswith("journal:"):
-        path = study_dir / "study.journal" if space.storage is None else space.resolve_path(space.storage[8:].strip())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    return space.storage

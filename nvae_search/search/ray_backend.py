@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,15 +47,14 @@ from .runner import (
     InvalidCombination,
     _enqueue_warm_start,
     config_id,
-    create_study,
     finished_trials,
-    open_storage,
+    open_study,
+    optuna_log_file,
     outcome_from_summary,
     recover_interrupted,
-    storage_url,
     study_dir_for,
-    write_study_file,
 )
+from .storage import open_storage
 
 if TYPE_CHECKING:
     import optuna
@@ -63,7 +62,16 @@ if TYPE_CHECKING:
     from ..schema import Recipe
     from ..spaces import Space
 
-__all__ = ["ATTEMPTS_LOG", "METRIC", "RAY_DIR", "TRIAL_PREFIX", "init_ray", "reports_per_trial", "run_ray_search"]
+__all__ = [
+    "ATTEMPTS_LOG",
+    "METRIC",
+    "RANKS_LOG",
+    "RAY_DIR",
+    "TRIAL_PREFIX",
+    "init_ray",
+    "reports_per_trial",
+    "run_ray_search",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,7 @@ RAY_DIR = "ray"
 TRIAL_PREFIX = "ray_"
 RAY_STATE = "ray_state.json"  # inside each Ray checkpoint, next to the copy of checkpoint.pt
 ATTEMPTS_LOG = "ray_attempts.jsonl"  # in each trial's run directory: one line per (re)start
+RANKS_LOG = "ray_ranks.jsonl"  # in a data-parallel trial's run directory: one line per rank started
 EXPERIMENT_INFO = "{name}.nvae.json"  # next to each Tune experiment folder: what it was started for
 STOP_GRACE_S = 300  # how long a reused actor may take to finish the trial that Ray stopped
 UNBOUNDED_REPORTS = 10**9  # ASHA's max_t when the number of reports is not known in advance
@@ -360,6 +369,13 @@ def _log_attempt(run_dir: Path, resumed_after_step: int | None) -> None:
         fh.write(json.dumps(line) + "\n")
 
 
+def _log_rank(run_dir: str, rank: int) -> None:
+    """One line per DDP rank that started in ``ray_ranks.jsonl``: which ranks really trained, in which world."""
+    line = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "pid": os.getpid()}
+    with open(Path(run_dir) / RANKS_LOG, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
 def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cwd: str) -> None:
     """One Ray Tune trial: train the configuration in ``<study>/trials/ray_<trial id>/`` and report."""
     from ray import tune
@@ -452,6 +468,7 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
                 resume=resume,
                 on_report=on_report,
                 device="cuda" if gpu > 0 else "cpu",
+                worker_init=functools.partial(_log_rank, str(run_dir)),
             )
         else:
             from ..train import train
@@ -508,16 +525,16 @@ def _fit_completed(results: Any) -> bool:
     return all(str(t.status) in ("TERMINATED", "ERROR") for t in trials)
 
 
-def _fail_orphans(study: optuna.Study) -> int:
+def _fail_orphans(study: optuna.Study, storage: Any) -> int:
     """After a finished fit, RUNNING Optuna trials of this study were asked by a driver that died before Tune
     recorded them (Tune has since run replacements): mark them FAIL, not counted, not re-queued."""
     import optuna
 
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
     return len(stale)
 
 
@@ -547,7 +564,9 @@ def _make_trainable(space: Space, study_dir: Path) -> Any:
     return tune.with_resources(fn, {"cpu": res.cpu, "gpu": res.gpu})
 
 
-def _make_tuner(space: Space, study_dir: Path, url: str, name: str, num_samples: int, trainable: Any) -> Any:
+def _make_tuner(
+    space: Space, study_dir: Path, url: str, name: str, num_samples: int, trainable: Any, *, verbose: bool = False
+) -> Any:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -590,7 +609,7 @@ def _make_tuner(space: Space, study_dir: Path, url: str, name: str, num_samples:
             storage_path=str((study_dir / RAY_DIR).resolve()),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=0,
+            verbose=1 if verbose else 0,  # Ray's own tables only on request: the driver shows the search view
         ),
     )
 
@@ -602,6 +621,8 @@ def run_ray_search(
     n_trials: int | None = None,
     storage: str | None = None,
     root: str | Path = "runs",
+    on_start: Callable[[optuna.Study, int], None] | None = None,
+    verbose: bool = False,
 ) -> Path:
     """Run (or continue) the study on Ray Tune; returns the study directory (same layout as the Optuna backend,
     trial runs in ``trials/ray_<tune trial id>/``, the Tune experiment in ``ray/<study name>``).
@@ -615,9 +636,7 @@ def run_ray_search(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_dir = study_dir_for(space, root).resolve()
-    url = storage_url(space, study_dir, storage)
-    write_study_file(space, study_dir, url, "ray")
-    study = create_study(space, url)
+    study, store, url = open_study(space, study_dir, storage, "ray")
     target = n_trials if n_trials is not None else space.study.n_trials
     exp_root = study_dir / RAY_DIR
 
@@ -627,13 +646,22 @@ def run_ray_search(
     latest = experiments[-1] if experiments else None
     restore = bool(latest and not latest[2].get("done") and tune.Tuner.can_restore(str(exp_root / latest[1])))
     if not restore:
-        recover_interrupted(study)  # RUNNING trials of a search that left nothing to restore
+        recover_interrupted(study, store)  # RUNNING trials of a search that left nothing to restore
         _enqueue_warm_start(study, space)
         remaining = target - finished_trials(study)
         if remaining <= 0:
             return study_dir
 
-    owns = init_ray(address or space.ray.address)
+    if on_start is not None:
+        on_start(study, target)
+    quiet: dict[str, Any] = {}
+    if not verbose:
+        # The driver shows the search view; Ray's own experiment table, INFO lines and the trials' forwarded
+        # output only with -v (trial errors stay in Ray's result files and the trials' status).
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    owns = init_ray(address or space.ray.address, **quiet)
     try:
         trainable = _make_trainable(space, study_dir)
         if restore:
@@ -647,11 +675,12 @@ def run_ray_search(
             name = space.study.name if index == 1 else f"{space.study.name}-{index}"
             info = {"index": index, "name": name, "num_samples": remaining, "done": False}
             _write_experiment_info(exp_root, info)
-            tuner = _make_tuner(space, study_dir, url, name, remaining, trainable)
-        results = tuner.fit()
+            tuner = _make_tuner(space, study_dir, url, name, remaining, trainable, verbose=verbose)
+        with optuna_log_file(study_dir):
+            results = tuner.fit()
         if _fit_completed(results):
             _write_experiment_info(exp_root, {**info, "done": True})
-            _fail_orphans(study)
+            _fail_orphans(study, store)
     finally:
         if owns:
             import ray

@@ -7,12 +7,14 @@ is stored as Optuna user attributes (see :data:`OUTCOME_KEYS`), so ``report`` wo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..config_io import ConfigError, atomic_write_text, read_json_mapping
 from ..spaces import Space, apply_params, load_space
 from ..tracking import study_tracking
+from .storage import check_storage, open_storage, resolve_storage_url, workers_lock
 
 if TYPE_CHECKING:
     import optuna
@@ -54,6 +57,9 @@ OUTCOME_KEYS = (
     "seed",
     "values",
 )
+
+
+_clock = time.monotonic  # the study's time budget is measured on this (a test replaces it)
 
 
 class TrialDiverged(Exception):
@@ -184,24 +190,7 @@ def write_study_file(space: Space, study_dir: Path, storage_url: str, backend: s
 
 def storage_url(space: Space, study_dir: Path, override: str | None) -> str:
     """A string form of the study's storage, recorded in study.json so `report` finds it."""
-    if override:
-        return override
-    if space.storage is None:
-        return f"journal:{(study_dir / 'study.journal').resolve()}"
-    if space.storage.startswith("journal:"):
-        return f"journal:{space.resolve_path(space.storage.removeprefix('journal:'))}"
-    return space.storage
-
-
-def open_storage(url: str) -> Any:
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    return url
+    return resolve_storage_url(space, study_dir, override)[0]
 
 
 def load_study(study_dir: str | Path) -> tuple[optuna.Study, Space, dict[str, Any]]:
@@ -223,19 +212,29 @@ def load_study(study_dir: str | Path) -> tuple[optuna.Study, Space, dict[str, An
     return study, space, info
 
 
-def create_study(space: Space, url: str) -> optuna.Study:
+def create_study(space: Space, url: str, storage: Any = None) -> optuna.Study:
+    """Create or load the study; a storage that cannot be opened is a :class:`ConfigError` naming the URL."""
     import optuna
 
     from .compile import directions, make_pruner, make_sampler
 
-    return optuna.create_study(
-        study_name=space.study.name,
-        storage=open_storage(url),
-        sampler=make_sampler(space),
-        pruner=make_pruner(space),
-        directions=directions(space),
-        load_if_exists=True,
-    )
+    try:
+        return optuna.create_study(
+            study_name=space.study.name,
+            storage=storage if storage is not None else open_storage(url),
+            sampler=make_sampler(space),
+            pruner=make_pruner(space),
+            directions=directions(space),
+            load_if_exists=True,
+        )
+    except ConfigError:
+        raise
+    except ValueError as err:  # e.g. the stored study has other directions than the space
+        raise ConfigError(str(space.source or "<space>"), [("storage", f"storage {url!r}: {err}")]) from None
+    except Exception as err:
+        if type(err).__module__.startswith("sqlalchemy"):
+            raise ConfigError(str(space.source or "<space>"), [("storage", f"storage {url!r}: {err}")]) from None
+        raise
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -246,18 +245,28 @@ def finished_trials(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("interrupted"))
 
 
-def recover_interrupted(study: optuna.Study) -> int:
-    """Mark trials left RUNNING by a killed search as failed (interrupted) and queue their parameters again."""
+def recover_interrupted(study: optuna.Study, storage: Any, *, unowned_are_stale: bool = True) -> int:
+    """Mark trials left RUNNING by a dead worker as failed (interrupted, not counted) and queue their parameters
+    again, once (a retry that is itself interrupted is not queued again). Live workers' trials are left alone:
+    see :func:`nvae_search.search.workers.is_stale`."""
     import optuna
 
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        if trial.params:
+    from .workers import is_stale
+
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not is_stale(trial, unowned_are_stale=unowned_are_stale):
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker recovered it first, or its owner finished it after all
+        recovered += 1
+        if trial.params and "retry_of" not in trial.user_attrs:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
-    return len(stale)
+    return recovered
 
 
 def _enqueue_warm_start(study: optuna.Study, space: Space) -> None:
@@ -284,6 +293,7 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
         trial.set_user_attr("run_dir", str(run_dir))
 
         def report(step: int, nelbo: float) -> bool:
+            trial.set_user_attr("progress", step)  # the live view's "step k of n" for running trials
             if not can_prune or not math.isfinite(nelbo):
                 return False
             trial.report(nelbo, step)
@@ -310,6 +320,70 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
     return objective
 
 
+def open_study(space: Space, study_dir: Path, override: str | None, backend: str) -> tuple[optuna.Study, Any, str]:
+    """Check the storage, open (or create) the study on it, then record ``study.json``: (study, storage, URL).
+    Nothing is written when the storage is unusable (a :class:`ConfigError` naming the URL)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # until optuna_log_file takes over: no INFO lines
+    url, source, field = resolve_storage_url(space, study_dir, override)
+    check_storage(url, source, field)
+    storage = optuna.storages.get_storage(open_storage(url)) if url.startswith("journal:") else None
+    if storage is None:
+        try:
+            storage = optuna.storages.get_storage(url)
+        except Exception as err:  # SQLAlchemy cannot connect or create the tables
+            raise ConfigError(source, [(field, f"storage {url!r}: {err}")]) from None
+    study = create_study(space, url, storage)
+    write_study_file(space, study_dir, url, backend)
+    return study, storage, url
+
+
+@contextlib.contextmanager
+def optuna_log_file(study_dir: Path) -> Iterator[None]:
+    """Optuna's own log lines (warnings such as "Trial 1 failed ...") go to ``optuna.log`` in the study
+    directory instead of the terminal, where they would break the live view."""
+    import optuna
+
+    logger = logging.getLogger("optuna")
+    handler = logging.FileHandler(study_dir / "optuna.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    optuna.logging.disable_default_handler()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        optuna.logging.enable_default_handler()
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], Any]) -> None:
+    """Run the objective on an asked trial and tell its outcome, as ``study.optimize`` would; a trial that this
+    process is stopped in (Ctrl-C) is left as interrupted and queued again."""
+    import optuna
+
+    state, values = optuna.trial.TrialState.COMPLETE, None
+    try:
+        values = objective(trial)
+    except optuna.TrialPruned:
+        state = optuna.trial.TrialState.PRUNED
+    except TrialDiverged:
+        state = optuna.trial.TrialState.FAIL
+    except (KeyboardInterrupt, SystemExit):
+        trial.set_user_attr("interrupted", True)
+        trial.set_user_attr("status", "interrupted")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        if trial.params and "retry_of" not in trial.user_attrs:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        raise
+    except Exception:
+        trial.set_user_attr("status", "failed")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        raise
+    study.tell(trial, values, state=state, skip_if_finished=True)
+
+
 def run_optuna_search(
     space: Space,
     *,
@@ -317,39 +391,60 @@ def run_optuna_search(
     storage: str | None = None,
     root: str | Path = "runs",
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    on_start: Callable[[optuna.Study, int], None] | None = None,
     tracking: TrackingConfig | None = None,
 ) -> Path:
     """Run (or continue) the study in this process; returns the study directory. ``tracking`` replaces the
-    space's ``tracking:`` (e.g. from ``--track``)."""
+    space's ``tracking:`` (e.g. from ``--track``).
+
+    Several processes (on one machine, or on machines sharing the journal file or RDB URL) may run this on one
+    study at the same time: ``n_trials`` (default ``study.n_trials``) is the study's total, each worker starts a
+    trial only while fewer than that are finished or running, and trials of dead workers are failed as
+    interrupted and re-run once (see :mod:`nvae_search.search.workers`).
+    """
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from .compile import sampler_exhausted
+    from .workers import Heartbeat
+
     study_dir = study_dir_for(space, root)
-    url = storage_url(space, study_dir, storage)
-    write_study_file(space, study_dir, url, "optuna")
-    study = create_study(space, url)
-    recover_interrupted(study)
-    _enqueue_warm_start(study, space)
+    study, store, url = open_study(space, study_dir, storage, "optuna")
     target = n_trials if n_trials is not None else space.study.n_trials
-    remaining = target - finished_trials(study)
-    if remaining <= 0:
-        return study_dir
-    timeout = space.study.timeout_minutes * 60 if space.study.timeout_minutes else None
+    deadline = _clock() + space.study.timeout_minutes * 60 if space.study.timeout_minutes else None
     from .retention import checkpoint_callback  # budget.keep_checkpoints, after every trial
 
-    callbacks = [checkpoint_callback(space, study_dir), *([on_trial] if on_trial else [])]
     objective, callbacks, close_tracker = study_tracking(
-        tracking or space.tracking, space, study_dir, make_objective(space, study_dir), callbacks
+        tracking or space.tracking,
+        space,
+        study_dir,
+        make_objective(space, study_dir),
+        [checkpoint_callback(space, study_dir), *([on_trial] if on_trial else [])],
     )
-    try:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            timeout=timeout,
-            catch=(TrialDiverged,),
-            callbacks=callbacks,
-            gc_after_trial=True,
-        )
-    finally:
-        close_tracker()
+    if on_start is not None:
+        on_start(study, target)
+    with optuna_log_file(study_dir):
+        with workers_lock(url):
+            _enqueue_warm_start(study, space)
+        try:
+            while deadline is None or _clock() < deadline:  # a trial that started runs to its end
+                with workers_lock(url):
+                    recover_interrupted(study, store, unowned_are_stale=False)
+                    running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+                    if finished_trials(study) + running >= target or sampler_exhausted(study):
+                        break
+                    trial = study.ask()
+                    heartbeat = Heartbeat(trial).claim()
+                with heartbeat:
+                    try:
+                        _run_one(study, trial, objective)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        # Another worker failed it as stale (no heartbeat for a grace period: storage unreachable
+                        # from here); it has been queued again, so this result is dropped and the search goes on.
+                        logging.getLogger("optuna").warning("trial %d was taken over by another worker", trial.number)
+                        continue
+                frozen = study.get_trials(deepcopy=False)[trial.number]
+                for callback in callbacks or []:
+                    callback(study, frozen)
+        finally:
+            close_tracker()
     return study_dir
