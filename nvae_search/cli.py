@@ -278,8 +278,16 @@ def _print_summaries(summaries: list[dict[str, Any]], json_output: bool, several
 @app.command()
 def schema(
     space: Annotated[bool, typer.Option("--space", help="Print the schema of a search-space file instead.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the recipe reference page (docs/recipes.md) instead.")
+    ] = False,
 ) -> None:
     """Print the JSON schema of recipe files (or of search-space files with --space)."""
+    if markdown:
+        from .schema_docs import recipe_reference_markdown
+
+        typer.echo(recipe_reference_markdown(), nl=False)
+        return
     typer.echo(json.dumps(_space_schema() if space else recipe_json_schema(), indent=2))
 
 

@@ -278,6 +278,7 @@ class Trainer:
         self.elapsed = 0.0
         self.step_times: list[float] = []
         self.last_metrics: dict[str, Any] = {}
+        self.resumed_from: int | None = None  # the checkpoint's step, when resumed
         self.stop = _StopFlag()
         self.writer: Any = None
         if self.world > 1:
@@ -579,6 +580,20 @@ class Trainer:
         if kept:  # the summary's training figures come from the last log line, also when no step is left to take
             self.last_metrics = kept[-1]
 
+    def _provenance(self) -> dict[str, Any]:
+        """Where the run came from: this process's, or for a resumed run the first one's, with each resume that
+        took steps listed under ``resumes`` (resuming a finished run leaves the record as it was)."""
+        current = provenance.collect(self.started)
+        previous = _summary_provenance(self.out_dir) if self.resumed_from is not None else None
+        if previous is None:
+            return current
+        if self.step > self.resumed_from:
+            keys = ("started", "command", "host", "git", "nvae_search", "torch")
+            previous.setdefault("resumes", []).append(
+                {k: current.get(k) for k in keys} | {"from_step": self.resumed_from}
+            )
+        return previous
+
     def _resume(self, checkpoint: Path) -> None:
         """Continue from the checkpoint; one of another run, architecture or format is refused naming the file."""
         state = resumable_state(checkpoint, self.recipe, self.device)
@@ -588,6 +603,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             reason = " ".join(str(exc).split())[:300]
             raise CheckpointError(f"{checkpoint}: does not fit this run ({type(exc).__name__}: {reason})") from None
+        self.resumed_from = self.step
 
     # --------------------------------------------------------------------------------------- loop
     def run(self, resume: bool) -> RunSummary:
@@ -705,7 +721,7 @@ class Trainer:
             precision=self.precision,
             global_batch=self.batch * self.world,
             warnings=self.warnings,
-            provenance=provenance.collect(self.started) if self.main else None,
+            provenance=self._provenance() if self.main else None,
         )
         if self.main:
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary.to_dict(), indent=2))
@@ -745,6 +761,15 @@ class Trainer:
             metrics["hparam/eval_nll"] = summary.eval["nll"]
             metrics["hparam/eval_nelbo"] = summary.eval["nelbo"]
         self.writer.add_hparams(hparams, metrics, name="hparams")
+
+
+def _summary_provenance(run_dir: Path) -> dict[str, Any] | None:
+    """The provenance block of the run's existing summary.json, if it has a readable one."""
+    try:
+        block = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("provenance")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return block if isinstance(block, dict) else None
 
 
 def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -86,6 +86,9 @@ def test_two_torchrun_ranks_stop_resume_and_match_one_process_at_twice_the_batch
     torchrun("--resume")
     summary = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == STEPS and summary["global_batch"] == 8
+    # The record of where the run came from stays the first process's, with the resume listed after it.
+    assert summary["provenance"]["started"] == cut["provenance"]["started"]
+    assert [r["from_step"] for r in summary["provenance"]["resumes"]] == [2]
     a, b = logged(tmp_path / "single"), logged(tmp_path / "torchrun")
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in a:
