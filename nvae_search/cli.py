@@ -180,16 +180,29 @@ def validate(
     recipes: Annotated[list[Path], typer.Argument(metavar="RECIPE", help="Recipe YAML files.", show_default=False)],
     json_output: JsonOption = False,
     sets: SetOption = None,
+    memory: Annotated[
+        bool, typer.Option("--memory", help="Predict the GPU memory of one training step (implied by the 3 below).")
+    ] = False,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Batch of the memory prediction.")] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="fp32 | bf16 | fp16 | auto for the memory prediction.")
+    ] = None,
+    checkpointing: Annotated[
+        str | None, typer.Option("--checkpointing", help="off | cell for the memory prediction.")
+    ] = None,
 ) -> None:
-    """Load, validate and build each recipe, and summarise its architecture."""
+    """Load, validate and build each recipe, and summarise its architecture (and its training-step memory)."""
     try:
         overrides = parse_sets(sets)
+        memory_options = _memory_options(memory, batch, precision, checkpointing)
     except ConfigError as err:
         fail_config(err)
     summaries, failed = [], False
     for path in recipes:
         try:
             summaries.append(_summarize_file(path, overrides))
+            if memory_options is not None:
+                summaries[-1]["memory"] = _predict_memory(path, overrides, memory_options)
         except ConfigError as err:
             print_config_error(err)
             failed = True
@@ -206,6 +219,30 @@ def _print_summaries(summaries: list[dict[str, Any]], json_output: bool, several
     console = _console()
     for summary in summaries:
         console.print(summary_table(summary))
+        if "memory" in summary:
+            from .memory import memory_lines
+
+            console.print("\n".join(memory_lines(summary["memory"])))
+
+
+def _memory_options(memory: bool, batch: int | None, precision: str | None, ckpt: str | None) -> dict[str, Any] | None:
+    """The memory prediction's settings, or None when none was asked for."""
+    problems = []
+    if precision is not None and precision not in ("fp32", "bf16", "fp16", "auto"):
+        problems.append(("--precision", f"must be fp32, bf16, fp16 or auto, got {precision!r}"))
+    if ckpt is not None and ckpt not in ("off", "cell"):
+        problems.append(("--checkpointing", f"must be off or cell, got {ckpt!r}"))
+    if problems:
+        raise ConfigError("command line", problems)
+    if not (memory or batch or precision or ckpt):
+        return None
+    return {"batch": batch, "precision": precision, "checkpointing": ckpt}
+
+
+def _predict_memory(path: Path, overrides: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    from .memory import memory_report
+
+    return memory_report(load_recipe(path, overrides=overrides), **options)
 
 
 # -------------------------------------------------------------------------------------------- schema

@@ -1,0 +1,115 @@
+"""Training-step memory predicted on fake tensors: close to real tensor memory, monotone where it must be."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner, Result
+
+from nvae_search import memory
+from nvae_search.cli import app
+from nvae_search.schema import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
+FIELDS = (
+    "device",
+    "batch",
+    "precision",
+    "checkpointing",
+    "peak_bytes",
+    "params_bytes",
+    "grads_bytes",
+    "optimizer_bytes",
+    "activations_bytes",
+)
+
+
+def invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor() -> memory.MemoryPredictor:
+    return memory.MemoryPredictor(load_recipe(TINY), device="cuda")
+
+
+def measured_peak_bytes(batch: int) -> int:
+    """The same training step on real CPU tensors, its live tensor bytes counted by the same dispatch tracker."""
+    recipe = load_recipe(TINY)
+    torch.manual_seed(0)
+    parts = memory.build_step_parts(recipe, batch, "fp32", False, foreach=False)
+    memory.init_optimizer_state(parts)
+    tracker = memory.StorageTracker()
+    for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
+        tracker.track(t)
+    for state in parts.optimizer.state.values():
+        for t in state.values():
+            tracker.track(t)
+    tracker.reset_peak()
+    with tracker:
+        memory.training_step(parts)
+    return tracker.peak
+
+
+def test_prediction_within_15_percent_of_real_tensor_memory_on_cpu() -> None:
+    predicted = memory.predict_step_memory(load_recipe(TINY), batch=8, precision="fp32", device="cpu")
+    measured = measured_peak_bytes(8)
+    assert predicted.device == "cpu" and predicted.batch == 8
+    assert abs(predicted.peak_bytes - measured) <= 0.15 * measured, (predicted.peak_bytes, measured)
+
+
+def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredictor) -> None:
+    base = tiny_predictor.predict(8, "fp32", "off")
+    parts = (base.params_bytes, base.grads_bytes, base.optimizer_bytes, base.activations_bytes)
+    assert sum(parts) == base.peak_bytes and min(parts) >= 0
+    params = sum(p.numel() * p.element_size() for p in tiny_predictor.parts.model.parameters())
+    assert params <= base.params_bytes < 1.5 * params + 512 * 1000  # parameters + buffers, 512-byte CUDA blocks
+    assert base.optimizer_bytes >= 2 * params  # Adamax: exp_avg and exp_inf
+    assert tiny_predictor.predict(16, "fp32", "off").peak_bytes > base.peak_bytes
+    assert tiny_predictor.predict(8, "fp32", "cell").peak_bytes < base.peak_bytes
+    assert tiny_predictor.predict(8, "fp16", "off").activations_bytes < 0.8 * base.activations_bytes
+    assert tiny_predictor.predict(8, "bf16", "off").activations_bytes < 0.8 * base.activations_bytes
+    assert tiny_predictor.predict(8, "auto", "off").precision == "fp16"  # auto is fp16 on CUDA
+
+
+def test_largest_batch_fits_and_one_more_does_not(tiny_predictor: memory.MemoryPredictor) -> None:
+    base = tiny_predictor.predict(4, "fp32", "off")
+    limit = 3 * base.peak_bytes
+    largest = memory.largest_batches(tiny_predictor, base, {"small": limit})["small"]
+    assert largest > 4
+    assert tiny_predictor.predict(largest, "fp32", "off").peak_bytes <= limit
+    assert tiny_predictor.predict(largest + 1, "fp32", "off").peak_bytes > limit
+
+
+def test_validate_json_adds_memory_and_text_says_what_fits(tiny_predictor: memory.MemoryPredictor) -> None:
+    result = invoke(["validate", str(TINY), "--json", "--batch", "4", "--checkpointing", "cell"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["memory"]
+    assert set(FIELDS) <= set(report)
+    assert (report["device"], report["batch"], report["precision"], report["checkpointing"]) == (
+        "cuda",
+        4,
+        "fp32",
+        "cell",
+    )
+    assert report["fits_gb"] == {"16": True, "24": True, "40": True, "80": True}
+    assert 0 < report["largest_batch"]["16"] < report["largest_batch"]["80"]
+    text = "\n".join(memory.memory_lines(report))
+    assert "fits on 16 / 24 / 40 / 80 GB at batch 4" in text
+    assert f"80 GB: {report['largest_batch']['80']}" in text
+
+
+def test_validate_without_memory_options_predicts_nothing() -> None:
+    result = invoke(["validate", str(TINY), "--json"])
+    assert result.exit_code == 0 and "memory" not in json.loads(result.output)
+
+
+@pytest.mark.parametrize("bad", [["--precision", "fp8"], ["--checkpointing", "all"]])
+def test_validate_rejects_bad_memory_options(bad: list[str]) -> None:
+    result = invoke(["validate", str(TINY), *bad])
+    assert result.exit_code == 2
+    assert bad[0] in result.output and "Traceback" not in result.output
