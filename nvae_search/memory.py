@@ -27,6 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .model.builder import build_model
 from .objectives import SpectralRegularizer, balanced_kl, bn_regularization, kl_balance_alpha
 from .schema import Recipe
+from .search.runner import InvalidCombination
+from .spaces import Space
 from .telemetry import gradient_norm
 
 GIB = 1024**3
@@ -380,4 +382,39 @@ def memory_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             "largest batch that fits: " + ", ".join(f"{size} GB: {b}" for size, b in report["largest_batch"].items())
         )
+    return lines
+
+
+# ------------------------------------------------------------------------------------- search constraint
+class OverMemory(InvalidCombination):
+    """A trial predicted to need more GPU memory than its space allows: pruned before anything is built on it."""
+
+    status = "over_memory"
+
+    def __init__(self, prediction: MemoryPrediction, limit_gib: float) -> None:
+        super().__init__(
+            f"predicted peak {prediction.peak_gib:.2f} GiB > gpu_memory_gib {limit_gib:g} at batch {prediction.batch}, "
+            f"{prediction.precision}, checkpointing {prediction.checkpointing}"
+        )
+        self.attrs: dict[str, Any] = {"memory": prediction.to_dict(), "predicted_peak_gib": prediction.peak_gib}
+
+
+def check_memory_constraint(space: Space, recipe: Recipe) -> MemoryPrediction | None:
+    """Raise :class:`OverMemory` when the space limits GPU memory and this trial's recipe is predicted over it."""
+    limit = space.constraints.gpu_memory_gib
+    if limit is None:
+        return None
+    prediction = predict_step_memory(recipe, device="cuda")
+    if prediction.peak_bytes > limit * GIB:
+        raise OverMemory(prediction, limit)
+    return prediction
+
+
+def over_memory_lines(trials: list[Any]) -> list[str]:
+    """One line per trial pruned as over memory (Optuna trials with their user attributes), for the report."""
+    lines = []
+    for trial in trials:
+        attrs = trial.user_attrs
+        if attrs.get("status") == "over_memory":
+            lines.append(f"trial {trial.number}: not trained, {attrs.get('cause', 'predicted over the memory limit')}")
     return lines

@@ -53,7 +53,17 @@ __all__ = ["REPEATS_DIR", "REPORT_DIR", "Report", "build_report"]
 
 REPORT_DIR = "report"
 REPEATS_DIR = "repeats"
-STATUS_ORDER = ("completed", "pruned", "diverged", "failed", "invalid", "interrupted", "running", "waiting")
+STATUS_ORDER = (
+    "completed",
+    "pruned",
+    "diverged",
+    "failed",
+    "invalid",
+    "over_memory",
+    "interrupted",
+    "running",
+    "waiting",
+)
 RUN_STATUSES = frozenset({"completed", "pruned", "diverged", "failed"})  # trained: they count as runs
 STATUS_STYLE = {
     "completed": "green",
@@ -61,6 +71,7 @@ STATUS_STYLE = {
     "diverged": "bold red",
     "failed": "red",
     "invalid": "dim",
+    "over_memory": "dim",
     "interrupted": "dim",
     "running": "cyan",
     "waiting": "dim",
@@ -200,7 +211,7 @@ def _status(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         return "completed"
     if trial.state == TrialState.PRUNED:
-        return "invalid" if recorded == "invalid" else "pruned"
+        return recorded if recorded in ("invalid", "over_memory") else "pruned"
     if trial.state == TrialState.FAIL:
         return recorded if recorded in ("diverged", "invalid") else "failed"
     return "running" if trial.state == TrialState.RUNNING else "waiting"
@@ -1267,6 +1278,10 @@ def build_report(study_dir: str | Path, *, repeats: bool = True, console: Consol
             console.print()
         console.print(table)
 
+    from .memory import over_memory_lines
+
+    for line in over_memory_lines(trials):
+        console.print(f"[dim]over memory: {line}[/]")
     configs = _config_table(rows, objectives[0].direction, short)
     console.print()
     if configs:

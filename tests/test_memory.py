@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner, Result
 
 from nvae_search import memory
@@ -113,3 +114,74 @@ def test_validate_rejects_bad_memory_options(bad: list[str]) -> None:
     result = invoke(["validate", str(TINY), *bad])
     assert result.exit_code == 2
     assert bad[0] in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------- search constraint
+def write_space(tmp_path: Path, limit_gib: float) -> Path:
+    """A tiny space whose 'wide' branch (32 channels) needs several times the memory of its 'narrow' one."""
+    doc = {
+        "base_recipe": str(TINY),
+        "study": {"name": "memory", "n_trials": 2, "seed": 0},
+        "budget": {"steps": 4, "eval_iw_samples": 2, "eval_images": 16, "report_every_steps": 2},
+        "sampler": {"type": "grid"},
+        "pruner": {"type": "none"},
+        "constraints": {"gpu_memory_gib": limit_gib},
+        "space": {"model.num_channels_enc": {"type": "categorical", "choices": [4, 32]}},
+    }
+    path = tmp_path / "memory.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_a_trial_predicted_over_the_space_memory_limit_is_pruned_untrained_and_reported(tmp_path: Path) -> None:
+    import optuna
+    from rich.console import Console
+
+    from nvae_search.report import build_report
+    from nvae_search.search.runner import load_study, run_optuna_search
+    from nvae_search.spaces import load_space
+
+    limit = 0.05  # GiB: the tiny recipe at batch 8 needs ~0.02, with 32 encoder channels ~0.1
+    study_dir = run_optuna_search(load_space(write_space(tmp_path, limit)), root=tmp_path / "runs")
+    study = load_study(study_dir)[0]
+    by_width = {t.params["model.num_channels_enc"]: t for t in study.trials}
+    wide, narrow = by_width[32], by_width[4]
+    assert wide.state == optuna.trial.TrialState.PRUNED and wide.user_attrs["status"] == "over_memory"
+    assert wide.user_attrs["memory"]["peak_bytes"] > limit * memory.GIB
+    assert wide.user_attrs["memory"]["batch"] == 8 and "predicted peak" in wide.user_attrs["cause"]
+    assert not Path(wide.user_attrs["run_dir"]).exists()  # no checkpoint, no training, not even a run directory
+    assert narrow.state == optuna.trial.TrialState.COMPLETE
+    assert (Path(narrow.user_attrs["run_dir"]) / "checkpoint.pt").is_file()
+
+    console = Console(record=True, width=200)
+    build_report(study_dir, repeats=False, console=console)
+    text = console.export_text()
+    assert f"over memory: trial {wide.number}: not trained, predicted peak" in text
+    assert "over_memory" in text  # its leaderboard status
+
+
+def test_ray_backend_prunes_over_memory_trials_the_same_way(tmp_path: Path) -> None:
+    import optuna
+
+    from nvae_search.search import ray_backend
+    from nvae_search.spaces import load_space
+
+    space = load_space(write_space(tmp_path, 0.001))
+    with pytest.raises(memory.OverMemory) as caught:
+        ray_backend._trial_recipe(space, {"model.num_channels_enc": 4}, str(tmp_path))
+    outcome = {**caught.value.attrs, "status": caught.value.status, "cause": str(caught.value)}
+    state, values, attrs = ray_backend._decide({"final": 1, "invalid": 1, "outcome": outcome}, False, {})
+    assert state == optuna.trial.TrialState.PRUNED and values is None
+    assert attrs["status"] == "over_memory" and attrs["memory"]["peak_bytes"] > 0.001 * memory.GIB
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "lots"])
+def test_space_memory_limit_must_be_a_positive_number(tmp_path: Path, bad: object) -> None:
+    from nvae_search.config_io import ConfigError
+    from nvae_search.spaces import load_space
+
+    path = write_space(tmp_path, 1.0)
+    path.write_text(path.read_text().replace("gpu_memory_gib: 1.0", f"gpu_memory_gib: {bad}"))
+    with pytest.raises(ConfigError) as caught:
+        load_space(path)
+    assert any("constraints.gpu_memory_gib" in p for p, _ in caught.value.problems)
