@@ -846,6 +846,70 @@ def bench_eval_command(
     )
 
 
+@bench_app.command("gpu")
+def bench_gpu_command(
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Recipe to check (default: the CIFAR-10 paper recipe).")
+    ] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Per-GPU batch (default: the recipe's).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per setting, after one warm-up.")] = 3,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report to this file.")] = None,
+    json_output: JsonOption = False,
+    sets: SetOption = None,
+) -> None:
+    """The first thing to run on a new GPU machine: training step in fp16+scaler, bf16 and fp32 with and without
+    checkpointing (time, measured peak next to the predicted one), batched IW evaluation, sampling."""
+    import torch
+
+    from .bench import GPU_BENCH_RECIPE, bench_gpu
+
+    console = _console()
+    if not torch.cuda.is_available():
+        message = "no CUDA device (torch.cuda.is_available() is False): nothing to check here"
+        if json_output:
+            typer.echo(json.dumps({"cuda": False, "message": message}))
+        else:
+            console.print(message)
+        return
+    loaded = load_or_fail(recipe or GPU_BENCH_RECIPE, sets)
+    log = None if json_output else console.print
+    report = bench_gpu(loaded, batch=batch, steps=steps, log=log)
+    if out is not None:
+        from .config_io import atomic_write_text
+
+        atomic_write_text(out, json.dumps(report, indent=2))
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    console.print(_gpu_table(report))
+
+
+def _gpu_table(report: dict[str, Any]) -> Table:
+    title = (
+        f"{report['recipe']} on {report['device']} ({report['total_memory_bytes'] / 2**30:.0f} GiB), "
+        f"batch {report['batch']}, torch {report['torch']}"
+    )
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("precision", "checkpointing", "step (s)", "measured peak (MiB)", "predicted (MiB)", "pred/meas"):
+        table.add_column(column, justify="right")
+    for row in report["train"]:
+        table.add_row(
+            row["precision"],
+            row["checkpointing"],
+            _fmt(row.get("step_s"), ".3f") if "error" not in row else "OOM",
+            _fmt(row.get("measured_peak_bytes", 0) / MIB or None, ",.0f"),
+            _fmt(row.get("predicted_peak_bytes", 0) / MIB or None, ",.0f"),
+            _fmt(row.get("predicted_over_measured"), ".2f"),
+        )
+    ev = report["eval_sample"]
+    table.caption = (
+        f"IW-{ev['iw_samples']} evaluation: {_fmt(ev.get('iw_image_passes_per_s'), ',.0f')} image-passes/s; "
+        f"sampling: {_fmt(ev.get('sample_s_per_image'), '.4f')} s/image (n={ev['sample_n']}); "
+        f"{report['seconds']:.0f} s in all" + (f"; eval/sample: {ev['error']}" if "error" in ev else "")
+    )
+    return table
+
+
 def main() -> None:
     """Entry point of the ``nvae-search`` console script."""
     from .runtime import tune_allocator

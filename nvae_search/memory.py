@@ -14,6 +14,7 @@ device: CUDA's 512-byte allocation granularity and the multi-tensor (``foreach``
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -197,8 +198,11 @@ def init_optimizer_state(parts: StepParts) -> None:
     parts.optimizer.zero_grad(set_to_none=True)
 
 
-def training_step(parts: StepParts) -> None:
-    """The trainer's step with the warm-up's extras on (KL balancing, λ-weighted spectral and BN terms)."""
+def training_step(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> None:
+    """The trainer's step with the warm-up's extras on (KL balancing, λ-weighted spectral and BN terms).
+
+    ``scaler``: fp16's gradient scaler, as the trainer uses it (the prediction leaves it out: it scales in place).
+    """
     loss_cfg = parts.recipe.model.loss
     model = parts.model
     parts.optimizer.zero_grad(set_to_none=True)
@@ -216,9 +220,17 @@ def training_step(parts: StepParts) -> None:
             loss = loss + loss_cfg.spectral_coeff * parts.spectral()
             if loss_cfg.bn_regularization:
                 loss = loss + loss_cfg.spectral_coeff * bn_regularization(model).to(loss.device)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(parts.optimizer)
     gradient_norm([p for p in model.parameters() if p.grad is not None])
-    parts.optimizer.step()
+    if scaler is None:
+        parts.optimizer.step()
+    else:
+        scaler.step(parts.optimizer)
+        scaler.update()
 
 
 # ------------------------------------------------------------------------------------- prediction
@@ -231,21 +243,31 @@ class MemoryPredictor:
     """Builds a recipe's model once on fake tensors and predicts one training step at any batch and setting."""
 
     def __init__(self, recipe: Recipe, device: Device = "cuda") -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         self.recipe, self.device = recipe, device
         self.simulated_on = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
         self.block_bytes = CUDA_BLOCK_BYTES if device == "cuda" else 1
-        self.fake_mode = FakeTensorMode()
         self._tracker: StorageTracker | None = None
-        with self.fake_mode:
-            # On CUDA torch picks the multi-tensor Adamax, whose temporaries span all parameters at once.
-            self.parts = build_step_parts(recipe, 1, "fp32", False, foreach=device == "cuda", device=self.simulated_on)
-            with StorageTracker():  # answers Adamax's step-count reads on fake tensors; its counts are not kept
-                init_optimizer_state(self.parts)
+        try:
+            self.parts = self._build()
+        except Exception:
+            if self.simulated_on == "cpu":
+                raise
+            self.simulated_on = "cpu"  # fake CUDA tensors failed on this torch build: CPU autocast rules then
+            self.parts = self._build()
         for p in self.parts.model.parameters():
             p.register_post_accumulate_grad_hook(self._count_grad)
         self._counted: set[int] = set()
+
+    def _build(self) -> StepParts:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.fake_mode = FakeTensorMode()
+        with self.fake_mode:
+            # On CUDA torch picks the multi-tensor Adamax, whose temporaries span all parameters at once.
+            parts = build_step_parts(self.recipe, 1, "fp32", False, self.device == "cuda", self.simulated_on)
+            with StorageTracker():  # answers Adamax's step-count reads on fake tensors; its counts are not kept
+                init_optimizer_state(parts)
+        return parts
 
     def _count_grad(self, p: torch.Tensor) -> None:
         # set_to_none at the start of each step: a gradient is allocated once per parameter per step.
@@ -418,3 +440,32 @@ def over_memory_lines(trials: list[Any]) -> list[str]:
         if attrs.get("status") == "over_memory":
             lines.append(f"trial {trial.number}: not trained, {attrs.get('cause', 'predicted over the memory limit')}")
     return lines
+
+
+# ------------------------------------------------------------------------------------- the docs' table
+def paper_table(paths: list[str]) -> list[dict[str, Any]]:
+    """Predicted CUDA peak of each recipe at its own per-GPU batch, fp16/fp32 x checkpointing off/cell."""
+    from .schema import load_recipe
+
+    rows = []
+    for path in paths:
+        recipe = load_recipe(path)
+        predictor = MemoryPredictor(recipe)
+        for precision in ("fp16", "fp32"):
+            for ckpt in ("off", "cell"):
+                p = predictor.predict(None, precision, ckpt)
+                rows.append(
+                    {
+                        "recipe": path,
+                        "params": sum(q.numel() for q in predictor.parts.model.parameters()),
+                        **p.to_dict(),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+if __name__ == "__main__":  # python -m nvae_search.memory RECIPE...: one JSON line per recipe and setting
+    import sys
+
+    paper_table(sys.argv[1:])

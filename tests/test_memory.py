@@ -185,3 +185,32 @@ def test_space_memory_limit_must_be_a_positive_number(tmp_path: Path, bad: objec
     with pytest.raises(ConfigError) as caught:
         load_space(path)
     assert any("constraints.gpu_memory_gib" in p for p, _ in caught.value.problems)
+
+
+# ------------------------------------------------------------------------------------------- bench gpu
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_gpu_without_cuda_says_so_and_exits_0() -> None:
+    result = invoke(["bench", "gpu"])
+    assert result.exit_code == 0, result.output
+    assert "no CUDA device" in result.output
+    result = invoke(["bench", "gpu", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["cuda"] is False
+
+
+def test_bench_gpu_function_without_cuda_returns_without_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvae_search.bench import GPU_BENCH_RECIPE, GPU_SETTINGS, bench_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_gpu(load_recipe(GPU_BENCH_RECIPE))["cuda"] is False
+    assert {(p, c) for p, c in GPU_SETTINGS} == {(p, c) for p in ("fp16", "bf16", "fp32") for c in ("off", "cell")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_gpu_on_cuda_measures_every_setting_next_to_its_prediction() -> None:
+    from nvae_search.bench import bench_gpu
+
+    report = bench_gpu(load_recipe(TINY), batch=8, steps=1, iw_images=4, iw_samples=4, chunk=2, sample_n=4)
+    assert report["cuda"] is True and len(report["train"]) == 6
+    for row in report["train"]:
+        assert row["step_s"] > 0 and 0.5 < row["predicted_over_measured"] < 2.0, row
+    assert report["eval_sample"]["iw_image_passes_per_s"] > 0
