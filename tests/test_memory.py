@@ -56,6 +56,24 @@ def measured_peak_bytes(batch: int) -> int:
     return tracker.peak
 
 
+def test_tracker_counts_live_storages_once_and_keeps_the_peak() -> None:
+    tracker = memory.StorageTracker()
+    with tracker:
+        a = torch.ones(1000)  # 4,000 bytes
+        view = a[10:]  # a view: no new storage
+        b = torch.ones(500, dtype=torch.float16)  # 1,000 bytes
+        assert tracker.current == 5000 and view.numel() == 990
+        del a, view
+        c = torch.ones(250)  # 1,000 bytes, after 4,000 were released
+        assert tracker.current == 2000 and tracker.peak == 5000
+    del b, c
+    assert tracker.current == 0 and tracker.peak == 5000
+    blocks = memory.StorageTracker(block_bytes=512)
+    with blocks:
+        d = torch.ones(1)  # CUDA's caching allocator would hand out 512 bytes for 4
+    assert blocks.peak == 512 and d.numel() == 1
+
+
 def test_prediction_within_15_percent_of_real_tensor_memory_on_cpu() -> None:
     predicted = memory.predict_step_memory(load_recipe(TINY), batch=8, precision="fp32", device="cpu")
     measured = measured_peak_bytes(8)
