@@ -389,14 +389,19 @@ def memory_report(
     return report
 
 
+def format_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 def memory_lines(report: dict[str, Any]) -> list[str]:
     """The text form of :func:`memory_report` for ``validate`` without ``--json``."""
-    gib = report["peak_bytes"] / GIB
-    parts = ", ".join(f"{k} {report[k + '_bytes'] / GIB:.2f}" for k in ("params", "grads", "optimizer", "activations"))
+    parts = ", ".join(
+        f"{k} {format_bytes(report[k + '_bytes'])}" for k in ("params", "grads", "optimizer", "activations")
+    )
     fitting = [size for size, ok in report["fits_gb"].items() if ok]
     lines = [
-        f"memory (one training step on {report['device']}, batch {report['batch']}, {report['precision']}, "
-        f"checkpointing {report['checkpointing']}): peak {gib:.2f} GiB ({parts} GiB)",
+        f"memory of one training step on {report['device']} (batch {report['batch']}, {report['precision']}, "
+        f"checkpointing {report['checkpointing']}): peak {format_bytes(report['peak_bytes'])} ({parts})",
         f"fits on {' / '.join(fitting) if fitting else 'none of ' + ' / '.join(report['fits_gb'])} GB "
         f"at batch {report['batch']}",
     ]
