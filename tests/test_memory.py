@@ -92,7 +92,7 @@ def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredict
     assert tiny_predictor.predict(8, "fp32", "cell").peak_bytes < base.peak_bytes
     assert tiny_predictor.predict(8, "fp16", "off").activations_bytes < 0.8 * base.activations_bytes
     assert tiny_predictor.predict(8, "bf16", "off").activations_bytes < 0.8 * base.activations_bytes
-    assert tiny_predictor.predict(8, "auto", "off").precision == "fp16"  # auto is fp16 on CUDA
+    assert memory.resolve_precision("auto", "cuda") == "fp16" and memory.resolve_precision("auto", "cpu") == "fp32"
 
 
 def test_largest_batch_fits_and_one_more_does_not(tiny_predictor: memory.MemoryPredictor) -> None:
