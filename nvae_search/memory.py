@@ -247,16 +247,13 @@ class MemoryPredictor:
         self.simulated_on = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
         self.block_bytes = CUDA_BLOCK_BYTES if device == "cuda" else 1
         self._tracker: StorageTracker | None = None
+        self._counted: set[int] = set()
         try:
             self.parts = self._build()
         except Exception:
             if self.simulated_on == "cpu":
                 raise
-            self.simulated_on = "cpu"  # fake CUDA tensors failed on this torch build: CPU autocast rules then
-            self.parts = self._build()
-        for p in self.parts.model.parameters():
-            p.register_post_accumulate_grad_hook(self._count_grad)
-        self._counted: set[int] = set()
+            self._simulate_on_cpu()
 
     def _build(self) -> StepParts:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -267,7 +264,14 @@ class MemoryPredictor:
             parts = build_step_parts(self.recipe, 1, "fp32", False, self.device == "cuda", self.simulated_on)
             with StorageTracker():  # answers Adamax's step-count reads on fake tensors; its counts are not kept
                 init_optimizer_state(parts)
+        for p in parts.model.parameters():
+            p.register_post_accumulate_grad_hook(self._count_grad)
         return parts
+
+    def _simulate_on_cpu(self) -> None:
+        # Fake CUDA tensors failed on this torch build or machine: simulate on the CPU (CPU autocast rules) instead.
+        self.simulated_on = "cpu"
+        self.parts = self._build()
 
     def _count_grad(self, p: torch.Tensor) -> None:
         # set_to_none at the start of each step: a gradient is allocated once per parameter per step.
@@ -279,12 +283,24 @@ class MemoryPredictor:
         self, batch: int | None = None, precision: str | None = None, checkpointing: str | None = None
     ) -> MemoryPrediction:
         """Peak bytes of one training step (defaults: the recipe's batch, precision and checkpointing)."""
-        recipe, parts = self.recipe, self.parts
+        recipe = self.recipe
         batch = batch or recipe.train.batch_size
         prec = resolve_precision(precision or recipe.model.numerics.precision, self.device)
         ckpt = checkpointing or recipe.model.numerics.checkpointing
         if ckpt not in ("off", "cell"):
             raise ValueError(f"unknown checkpointing {ckpt!r} (off or cell)")
+        if self.simulated_on == "cpu":
+            return self._predict(batch, prec, ckpt)
+        try:
+            return self._predict(batch, prec, ckpt)
+        except ValueError:
+            raise  # the recipe's own refusal (e.g. batch norm over one value), the same on any device
+        except Exception:
+            self._simulate_on_cpu()
+            return self._predict(batch, prec, ckpt)
+
+    def _predict(self, batch: int, prec: Precision, ckpt: str) -> MemoryPrediction:
+        recipe, parts = self.recipe, self.parts
         tracker = StorageTracker(self.block_bytes)
         cfg = recipe.model
         with self.fake_mode:
