@@ -181,7 +181,11 @@ def validate(
     json_output: JsonOption = False,
     sets: SetOption = None,
     memory: Annotated[
-        bool, typer.Option("--memory", help="Predict the GPU memory of one training step (implied by the 3 below).")
+        bool,
+        typer.Option(
+            "--memory",
+            help="Predict the GPU memory of one training step (implied by --batch, --precision, --checkpointing).",
+        ),
     ] = False,
     batch: Annotated[int | None, typer.Option("--batch", min=1, help="Batch of the memory prediction.")] = None,
     precision: Annotated[
