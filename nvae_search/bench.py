@@ -101,3 +101,162 @@ def bench_eval(
         passes / batched.seconds,
         passes / sequential.seconds,
     )
+
+
+# ------------------------------------------------------------------------------------------- bench gpu
+GPU_BENCH_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "paper" / "cifar10.yaml"
+GPU_SETTINGS = [(p, c) for p in ("fp16", "bf16", "fp32") for c in ("off", "cell")]
+MIB = 1024 * 1024
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _free_cuda() -> None:
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _timed(fn: Any) -> float:
+    """Seconds of one call, between device synchronisations (CUDA work is asynchronous)."""
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def gpu_train_setting(recipe: Recipe, batch: int, precision: str, checkpointing: str, steps: int) -> dict[str, Any]:
+    """Step time and measured peak of the real training step in one precision/checkpointing setting.
+
+    The peak is ``max_memory_allocated`` over the timed steps, reset after a warm-up step (so it is the steady
+    step, as the prediction is: parameters, Adamax state and everything the step allocates). An out-of-memory
+    error is reported in the row; everything is freed before the next setting.
+    """
+    row: dict[str, Any] = {"precision": precision, "checkpointing": checkpointing, "batch": batch}
+    try:
+        row.update(_measure_train(recipe, batch, precision, checkpointing, steps))
+    except torch.cuda.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    finally:
+        _free_cuda()  # the failed setting's frames are gone by now: its tensors can be released
+    return row
+
+
+def _measure_train(recipe: Recipe, batch: int, precision: str, checkpointing: str, steps: int) -> dict[str, Any]:
+    from .memory import build_step_parts, init_optimizer_state, training_step
+
+    torch.manual_seed(0)
+    parts = build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=True, device="cuda")  # type: ignore[arg-type]
+    init_optimizer_state(parts)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if precision == "fp16" else None
+    _timed(lambda: training_step(parts, scaler))  # warm-up: cuDNN autotuning, allocator growth
+    torch.cuda.reset_peak_memory_stats()
+    allocated = torch.cuda.memory_allocated()
+    times = [_timed(lambda: training_step(parts, scaler)) for _ in range(steps)]
+    return {
+        "allocated_before_bytes": allocated,
+        "measured_peak_bytes": torch.cuda.max_memory_allocated(),
+        "step_s": statistics.median(times),
+        "step_times_s": times,
+    }
+
+
+def gpu_eval_sample(recipe: Recipe, *, images: int, iw_samples: int, chunk: int, sample_n: int) -> dict[str, Any]:
+    """Batched IW evaluation throughput and sampling time per image of the recipe's (untrained) model, fp32."""
+    out: dict[str, Any] = {"images": images, "iw_samples": iw_samples, "chunk": chunk, "sample_n": sample_n}
+    try:
+        out.update(_measure_eval_sample(recipe, images, iw_samples, chunk, sample_n))
+    except torch.cuda.OutOfMemoryError as err:
+        out["error"] = f"out of memory: {str(err).splitlines()[0]}"
+    finally:
+        _free_cuda()
+    return out
+
+
+def _measure_eval_sample(recipe: Recipe, images: int, iw_samples: int, chunk: int, sample_n: int) -> dict[str, Any]:
+    from .evaluate import iw_bound
+    from .model.builder import build_model
+
+    torch.manual_seed(0)
+    cfg = recipe.model
+    model = build_model(cfg).cuda().eval()
+    x = torch.rand(images, cfg.input_channels, cfg.resolution, cfg.resolution, device="cuda")
+    if cfg.output.distribution == "bernoulli":
+        x = torch.bernoulli(x)
+    iw_bound(model, x[:2], 2, 2)  # warm-up
+    iw_s = _timed(lambda: iw_bound(model, x, iw_samples, chunk))
+    with torch.no_grad():
+        model.sample(2, 1.0, torch.device("cuda"))  # warm-up
+        sample_s = _timed(lambda: model.sample(sample_n, 1.0, torch.device("cuda")))
+    return {
+        "iw_s": iw_s,
+        "iw_image_passes_per_s": images * iw_samples / iw_s,
+        "sample_s": sample_s,
+        "sample_s_per_image": sample_s / sample_n,
+    }
+
+
+def bench_gpu(
+    recipe: Recipe,
+    *,
+    batch: int | None = None,
+    steps: int = 3,
+    iw_images: int = 16,
+    iw_samples: int = 100,
+    chunk: int = 25,
+    sample_n: int = 64,
+    log: Any = None,
+) -> dict[str, Any]:
+    """The GPU check: training step per precision × checkpointing (time, measured vs predicted peak), batched IW
+    evaluation throughput and sampling time. Returns ``{"cuda": False, ...}`` without a CUDA device."""
+    if not torch.cuda.is_available():
+        return {"cuda": False, "message": "no CUDA device: torch.cuda.is_available() is False; nothing was run"}
+    from .memory import MemoryPredictor
+
+    batch = batch or recipe.train.batch_size
+    start = time.perf_counter()
+    report: dict[str, Any] = {
+        "cuda": True,
+        "device": torch.cuda.get_device_name(),
+        "total_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
+        "torch": torch.__version__,
+        "recipe": recipe.name,
+        "batch": batch,
+        "train": [],
+    }
+    predictor = MemoryPredictor(recipe, device="cuda")
+    for precision, checkpointing in GPU_SETTINGS:
+        row = gpu_train_setting(recipe, batch, precision, checkpointing, steps)
+        try:
+            predicted = predictor.predict(batch, precision, checkpointing).peak_bytes
+        except Exception as err:  # a prediction failure must not hide the measurements
+            row["prediction_error"] = repr(err)
+        else:
+            row["predicted_peak_bytes"] = predicted
+            if "measured_peak_bytes" in row:
+                row["predicted_over_measured"] = predicted / row["measured_peak_bytes"]
+        report["train"].append(row)
+        if log:
+            log(gpu_row_text(row))
+    report["eval_sample"] = gpu_eval_sample(
+        recipe, images=iw_images, iw_samples=iw_samples, chunk=chunk, sample_n=sample_n
+    )
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def gpu_row_text(row: dict[str, Any]) -> str:
+    def mib(key: str) -> str:
+        return f"{row[key] / MIB:,.0f} MiB" if key in row else "–"
+
+    step = f"{row['step_s']:.3f} s/step" if "step_s" in row else row.get("error", "–")
+    ratio = f"{row['predicted_over_measured']:.2f}" if "predicted_over_measured" in row else "–"
+    return (
+        f"{row['precision']:>4} checkpointing {row['checkpointing']:>4}: {step}, "
+        f"measured peak {mib('measured_peak_bytes')}, predicted {mib('predicted_peak_bytes')} "
+        f"(predicted/measured {ratio})"
+    )

@@ -211,16 +211,33 @@ def validate(
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Processes to plan for: shows the per-process batch.")
     ] = 1,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory",
+            help="Predict the GPU memory of one training step (implied by --batch, --precision, --checkpointing).",
+        ),
+    ] = False,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Batch of the memory prediction.")] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="fp32 | bf16 | fp16 | auto for the memory prediction.")
+    ] = None,
+    checkpointing: Annotated[
+        str | None, typer.Option("--checkpointing", help="off | cell for the memory prediction.")
+    ] = None,
 ) -> None:
-    """Load, validate and build each recipe, and summarise its architecture."""
+    """Load, validate and build each recipe, and summarise its architecture (and its training-step memory)."""
     try:
         overrides = parse_sets(sets)
+        memory_options = _memory_options(memory, batch, precision, checkpointing)
     except ConfigError as err:
         fail_config(err)
     summaries, failed = [], False
     for path in recipes:
         try:
             summaries.append(_summarize_config(path, overrides, workers))
+            if memory_options is not None and "space" not in summaries[-1]:
+                summaries[-1]["memory"] = _predict_memory(path, overrides, memory_options, workers)
         except ConfigError as err:
             print_config_error(err)
             failed = True
@@ -272,6 +289,31 @@ def _print_summaries(summaries: list[dict[str, Any]], json_output: bool, several
     console = _console()
     for summary in summaries:
         console.print(space_summary_table(summary) if "space" in summary else summary_table(summary))
+        if "memory" in summary:
+            from .memory import memory_lines
+
+            console.print("\n".join(memory_lines(summary["memory"])))
+
+
+def _memory_options(memory: bool, batch: int | None, precision: str | None, ckpt: str | None) -> dict[str, Any] | None:
+    """The memory prediction's settings, or None when none was asked for."""
+    problems = []
+    if precision is not None and precision not in ("fp32", "bf16", "fp16", "auto"):
+        problems.append(("--precision", f"must be fp32, bf16, fp16 or auto, got {precision!r}"))
+    if ckpt is not None and ckpt not in ("off", "cell"):
+        problems.append(("--checkpointing", f"must be off or cell, got {ckpt!r}"))
+    if problems:
+        raise ConfigError("command line", problems)
+    if not (memory or batch or precision or ckpt):
+        return None
+    return {"batch": batch, "precision": precision, "checkpointing": ckpt}
+
+
+def _predict_memory(path: Path, overrides: dict[str, Any], options: dict[str, Any], workers: int) -> dict[str, Any]:
+    from .memory import memory_report
+
+    recipe = load_recipe(resolve_config(path, "recipes"), overrides=overrides)
+    return memory_report(recipe, workers=workers, **options)
 
 
 # -------------------------------------------------------------------------------------------- schema
@@ -1121,6 +1163,70 @@ def reconstruct(
     except _user_errors() as err:
         fail_user(err)
     _console().print(f"wrote {path}")
+
+
+@bench_app.command("gpu")
+def bench_gpu_command(
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Recipe to check (default: the CIFAR-10 paper recipe).")
+    ] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Per-GPU batch (default: the recipe's).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per setting, after one warm-up.")] = 3,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report to this file.")] = None,
+    json_output: JsonOption = False,
+    sets: SetOption = None,
+) -> None:
+    """The first thing to run on a new GPU machine: training step in fp16+scaler, bf16 and fp32 with and without
+    checkpointing (time, measured peak next to the predicted one), batched IW evaluation, sampling."""
+    import torch
+
+    from .bench import GPU_BENCH_RECIPE, bench_gpu
+
+    console = _console()
+    if not torch.cuda.is_available():
+        message = "no CUDA device (torch.cuda.is_available() is False): nothing to check here"
+        if json_output:
+            typer.echo(json.dumps({"cuda": False, "message": message}))
+        else:
+            console.print(message)
+        return
+    loaded = load_or_fail(recipe or GPU_BENCH_RECIPE, sets)
+    log = None if json_output else console.print
+    report = bench_gpu(loaded, batch=batch, steps=steps, log=log)
+    if out is not None:
+        from .config_io import atomic_write_text
+
+        atomic_write_text(out, json.dumps(report, indent=2))
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    console.print(_gpu_table(report))
+
+
+def _gpu_table(report: dict[str, Any]) -> Table:
+    title = (
+        f"{report['recipe']} on {report['device']} ({report['total_memory_bytes'] / 2**30:.0f} GiB), "
+        f"batch {report['batch']}, torch {report['torch']}"
+    )
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("precision", "checkpointing", "step (s)", "measured peak (MiB)", "predicted (MiB)", "pred/meas"):
+        table.add_column(column, justify="right")
+    for row in report["train"]:
+        table.add_row(
+            row["precision"],
+            row["checkpointing"],
+            _fmt(row.get("step_s"), ".3f") if "error" not in row else "OOM",
+            _fmt(row.get("measured_peak_bytes", 0) / MIB or None, ",.0f"),
+            _fmt(row.get("predicted_peak_bytes", 0) / MIB or None, ",.0f"),
+            _fmt(row.get("predicted_over_measured"), ".2f"),
+        )
+    ev = report["eval_sample"]
+    table.caption = (
+        f"IW-{ev['iw_samples']} evaluation: {_fmt(ev.get('iw_image_passes_per_s'), ',.0f')} image-passes/s; "
+        f"sampling: {_fmt(ev.get('sample_s_per_image'), '.4f')} s/image (n={ev['sample_n']}); "
+        f"{report['seconds']:.0f} s in all" + (f"; eval/sample: {ev['error']}" if "error" in ev else "")
+    )
+    return table
 
 
 def main() -> None:

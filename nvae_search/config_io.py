@@ -344,4 +344,3 @@ def current_umask() -> int:
 
 def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
-

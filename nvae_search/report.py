@@ -52,7 +52,17 @@ __all__ = ["REPEATS_DIR", "REPORT_DIR", "RepeatJob", "RepeatPlan", "Report", "bu
 
 REPORT_DIR = "report"
 REPEATS_DIR = "repeats"
-STATUS_ORDER = ("completed", "pruned", "diverged", "failed", "invalid", "interrupted", "running", "waiting")
+STATUS_ORDER = (
+    "completed",
+    "pruned",
+    "diverged",
+    "failed",
+    "invalid",
+    "over_memory",
+    "interrupted",
+    "running",
+    "waiting",
+)
 RUN_STATUSES = frozenset({"completed", "pruned", "diverged", "failed"})  # trained: they count as runs
 STATUS_STYLE = {
     "completed": "green",
@@ -60,6 +70,7 @@ STATUS_STYLE = {
     "diverged": "bold red",
     "failed": "red",
     "invalid": "dim",
+    "over_memory": "dim",
     "interrupted": "dim",
     "running": "cyan",
     "waiting": "dim",
@@ -200,7 +211,7 @@ def _status(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         return "completed"
     if trial.state == TrialState.PRUNED:
-        return "invalid" if recorded == "invalid" else "pruned"
+        return recorded if recorded in ("invalid", "over_memory") else "pruned"
     if trial.state == TrialState.FAIL:
         return recorded if recorded in ("diverged", "invalid") else "failed"
     return "running" if trial.state == TrialState.RUNNING else "waiting"
@@ -1240,6 +1251,15 @@ def study_rows(study: optuna.Study, space: Space) -> list[_Run]:
     return [_row_from_trial(space, t, n_obj, base_seed) for t in study.get_trials(deepcopy=False)]
 
 
+def _over_memory_lines(trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
+    """One line per trial pruned untrained as predicted over the space's GPU memory limit."""
+    return [
+        f"trial {t.number}: not trained, {t.user_attrs.get('cause', 'predicted over the memory limit')}"
+        for t in trials
+        if t.user_attrs.get("status") == "over_memory"
+    ]
+
+
 def build_report(study_dir: str | Path, *, console: Console | None = None) -> Report:
     """Print the leaderboard, the stability table and the importances of a study, and write them (with plots)
     into ``<study_dir>/report/``. Reads only: the seed repeats of the top ``repeats.top_k`` configurations are
@@ -1280,6 +1300,8 @@ def build_report(study_dir: str | Path, *, console: Console | None = None) -> Re
             console.print()
         console.print(table)
 
+    for line in _over_memory_lines(trials):
+        console.print(f"[dim]over memory: {line}[/]")
     configs = _config_table(rows, objectives[0].direction, short)
     console.print()
     if configs:

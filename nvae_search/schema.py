@@ -17,6 +17,7 @@ __all__ = [
     "ARCH_PRESETS",
     "CELL_ROLES",
     "PAPER_GLOBAL_BATCH",
+    "PAPER_PROCESSES",
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
@@ -512,6 +513,15 @@ PAPER_GLOBAL_BATCH: dict[str, int] = {
     "paper-imagenet32": 576,
     "paper-celebahq256": 96,
     "paper-ffhq256": 96,
+}
+# The processes (GPUs) the paper trained each recipe on: its per-GPU batch is the global batch over these.
+PAPER_PROCESSES: dict[str, int] = {
+    "paper-mnist": 2,
+    "paper-cifar10": 8,
+    "paper-celeba64": 8,
+    "paper-imagenet32": 24,
+    "paper-celebahq256": 24,
+    "paper-ffhq256": 24,
 }
 
 

@@ -481,6 +481,16 @@ class NoSchedulerConfig(_Strict):
     type: Literal["none"]
 
 
+class Constraints(_Strict):
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Prune (status over_memory, nothing trained) every trial whose training step is predicted to "
+        "need more than this many GiB of GPU memory at its batch and precision.",
+    )
+
+
 class RayConfig(_Strict):
     """Settings of the Ray Tune backend; validated with the file, used only when that backend runs."""
 
@@ -514,6 +524,7 @@ class Space(_Strict):
     )
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    constraints: Constraints = Constraints()
 
     _source: Path | None = PrivateAttr(None)
     _base: tuple[dict[str, Any], dict[str, Any]] | None = PrivateAttr(None)

@@ -180,7 +180,7 @@ def _decide(result: Mapping[str, Any] | None, error: bool, last: Mapping[str, An
         attrs.update(_outcome_from_result(result))
         status = attrs.get("status")
         if result.get("invalid") or status == "invalid":
-            attrs["status"] = "invalid"
+            attrs["status"] = "over_memory" if status == "over_memory" else "invalid"
             return TrialState.PRUNED, None, attrs
         if result.get("diverged") or status == "diverged":
             attrs["status"] = "diverged"
@@ -329,7 +329,13 @@ def _trial_recipe(space: Space, values: Mapping[str, Any], driver_cwd: str) -> R
     data = recipe.data
     if data.root and not Path(data.root).expanduser().is_absolute():  # Ray runs trials in other directories
         data = data.model_copy(update={"root": str(Path(driver_cwd) / data.root)})
-    return recipe.model_copy(update={"train": train_cfg, "data": data})
+    recipe = recipe.model_copy(update={"train": train_cfg, "data": data})
+    from .constraints import check_memory_constraint
+
+    check_memory_constraint(
+        space, recipe, space.ray.workers_per_trial
+    )  # raises OverMemory (an InvalidCombination) before anything is built
+    return recipe
 
 
 def _restore_run_dir(run_dir: Path) -> tuple[bool, int, float]:
@@ -404,7 +410,9 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
     try:
         recipe = _trial_recipe(space, values, driver_cwd)
     except InvalidCombination as err:
-        outcome = {**ident, "status": "invalid", "cause": str(err), "trial_s": time.perf_counter() - start}
+        status = getattr(err, "status", "invalid")  # or over_memory, with the prediction in attrs
+        outcome = {**ident, **getattr(err, "attrs", {}), "status": status, "cause": str(err)}
+        outcome["trial_s"] = time.perf_counter() - start
         tune.report({METRIC: PLACEHOLDER, "final": 1, "invalid": 1, "diverged": 0, "outcome": outcome, **ident})
         return
 

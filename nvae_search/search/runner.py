@@ -159,6 +159,9 @@ def run_trial(
     except ConfigError as err:
         reason = "; ".join(f"{p}: {m}" if p else m for p, m in err.problems)
         raise InvalidCombination(reason) from None
+    from .constraints import check_memory_constraint
+
+    check_memory_constraint(space, recipe)  # before anything is written or built on the device
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "params.json", json.dumps(dict(values), indent=2, default=str))
     reporter = None if report is None else (lambda step, metrics: report(step, float(metrics["nelbo"])))
@@ -302,8 +305,10 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
         try:
             outcome = run_trial(space, values, run_dir, report)
         except InvalidCombination as err:
-            trial.set_user_attr("status", "invalid")
+            trial.set_user_attr("status", getattr(err, "status", "invalid"))  # or over_memory
             trial.set_user_attr("cause", str(err))
+            for key, value in getattr(err, "attrs", {}).items():
+                trial.set_user_attr(key, value)
             raise optuna.TrialPruned(f"invalid combination: {err}") from None
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)

@@ -1,0 +1,458 @@
+"""Predict the device memory of one training step without real data or real computation.
+
+The step (forward, reconstruction + balanced KL, spectral and BN regularisation, backward, gradient norm, Adamax)
+runs on fake tensors (``FakeTensorMode``: shapes, dtypes and storages, no data, no arithmetic) while a dispatch
+mode counts the bytes of every live tensor storage and keeps the peak. That is the quantity
+``torch.cuda.max_memory_allocated`` reports, apart from what no tensor holds (cuDNN workspaces, the CUDA context,
+allocator fragmentation): :func:`usable_bytes` leaves headroom for those when it says whether a GPU is big enough.
+
+A CPU-only torch cannot make fake CUDA tensors, so there the step is simulated on the CPU with the CPU autocast
+rules; with CUDA present it is simulated on ``cuda`` with the CUDA rules. Either way the figures are for the target
+device: CUDA's 512-byte allocation granularity and the multi-tensor (``foreach``) Adamax that torch picks on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .model.builder import build_model
+from .objectives import SpectralRegularizer, balanced_kl, bn_regularization, kl_balance_alpha
+from .schema import Recipe
+from .telemetry import gradient_norm
+
+GIB = 1024**3
+GPU_SIZES_GB = (16, 24, 40, 80)
+CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every CUDA tensor takes a multiple of it
+# Device memory no tensor accounts for: the CUDA context and cuDNN/cuBLAS handles (~0.5 GiB) and allocator
+# fragmentation and conv workspaces (a share of the peak). Without this margin "fits" would mean "OOMs sometimes".
+CONTEXT_RESERVE_BYTES = GIB // 2
+FRAGMENTATION_RESERVE = 0.10
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Checkpointing = Literal["off", "cell"]
+Device = Literal["cuda", "cpu"]
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """Bytes of one training step; at the peak, params + grads + optimizer + activations = peak."""
+
+    device: str
+    batch: int
+    precision: str
+    checkpointing: str
+    peak_bytes: int
+    params_bytes: int  # parameters and buffers (BN statistics, power-iteration vectors), EMA copy included
+    grads_bytes: int  # gradients alive at the peak
+    optimizer_bytes: int  # Adamax state
+    activations_bytes: int  # everything else alive at the peak: saved activations and temporaries
+    simulated_on: str  # where the fake step ran (CPU autocast rules stand in for CUDA's on a CPU-only torch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+
+def resolve_precision(precision: str, device: str) -> Precision:
+    """``auto`` (fp16 with a gradient scaler on CUDA, fp32 elsewhere) as the trainer resolves it."""
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16 or auto)")
+    return precision  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ tracker
+class StorageTracker(TorchDispatchMode):
+    """Counts the bytes of live tensor storages created by ops run under it, and the peak of their sum.
+
+    Storages made before it was entered count only when passed to :meth:`track` (parameters, optimizer state).
+    Also answers data-dependent scalar reads of fake tensors (``int(t)``, ``t.item()``) with 1, since a fake
+    tensor has no value: the only one in a training step picks 40 vs 4 power iterations, which frees the same.
+    """
+
+    def __init__(self, block_bytes: int = 1) -> None:
+        super().__init__()
+        self.block_bytes = block_bytes
+        self._live: dict[int, tuple[weakref.ref[Any], int, str]] = {}
+        self.current = 0
+        self.by_kind: dict[str, int] = {}
+        self.peak = 0
+        self.peak_by_kind: dict[str, int] = {}
+        self.kind = "activations"
+        self.grads = 0  # gradient bytes currently held in .grad (kept by hooks, see track_gradients)
+
+    def _size(self, storage: torch.UntypedStorage) -> int:
+        return math.ceil(storage.nbytes() / self.block_bytes) * self.block_bytes
+
+    def track(self, tensor: torch.Tensor, kind: str | None = None) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        entry = self._live.get(key)
+        if entry is not None and entry[0]() is storage:
+            return  # a view of, or the same tensor as, one already counted
+        size, kind = self._size(storage), kind or self.kind
+        self._live[key] = (weakref.ref(storage, self._released(key)), size, kind)
+        self.current += size
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + size
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_by_kind = {**self.by_kind, "grads": self.grads}
+
+    def _released(self, key: int) -> Callable[[Any], None]:
+        def release(ref: weakref.ref[Any]) -> None:
+            entry = self._live.get(key)
+            if entry is None or entry[0] is not ref:
+                return
+            del self._live[key]
+            self.current -= entry[1]
+            self.by_kind[entry[2]] -= entry[1]
+
+        return release
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+        self.peak_by_kind = {**self.by_kind, "grads": self.grads}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
+            return True if args[0].dtype == torch.bool else 1
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+# ------------------------------------------------------------------------------------- one step
+@dataclass
+class StepParts:
+    """What one training step touches; built on fake or real tensors alike."""
+
+    model: nn.Module
+    spectral: SpectralRegularizer
+    optimizer: torch.optim.Optimizer
+    alpha: torch.Tensor | None
+    x: torch.Tensor
+    recipe: Recipe
+    autocast_dtype: torch.dtype | None
+
+
+def build_step_parts(
+    recipe: Recipe, batch: int, precision: Precision, checkpointing: bool, foreach: bool, device: str = "cpu"
+) -> StepParts:
+    """Model, regulariser and optimizer as the trainer makes them, and one input batch of the recipe's shape."""
+    # Built under the device as default device, not moved: moving fake parameters fails (they cannot be swapped).
+    with torch.device(device) if device != "cpu" else contextlib.nullcontext():
+        return _build_step_parts(recipe, batch, precision, checkpointing, foreach, device)
+
+
+def _build_step_parts(
+    recipe: Recipe, batch: int, precision: Precision, checkpointing: bool, foreach: bool, device: str
+) -> StepParts:
+    cfg = recipe.model
+    model = build_model(cfg).train()
+    model.set_checkpointing(checkpointing)
+    spectral = SpectralRegularizer(model, cfg.loss.spectral_power_iters)
+    optimizer = torch.optim.Adamax(
+        model.parameters(),
+        lr=recipe.train.learning_rate,
+        eps=recipe.train.adamax_eps,
+        weight_decay=recipe.train.weight_decay,
+        foreach=foreach,
+    )
+    alpha = kl_balance_alpha(list(reversed(cfg.groups_per_scale())), cfg.loss.kl_balance_rule)
+    x = torch.rand(batch, cfg.input_channels, cfg.resolution, cfg.resolution, device=device)
+    return StepParts(
+        model, spectral, optimizer, alpha if cfg.loss.kl_balance else None, x, recipe, _AUTOCAST_DTYPES.get(precision)
+    )
+
+
+def init_optimizer_state(parts: StepParts) -> None:
+    """Adamax allocates its state at the first step: make it exist, as in every step after the first."""
+    for p in parts.model.parameters():
+        p.grad = torch.zeros_like(p)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+
+
+def training_step(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> None:
+    """The trainer's step with the warm-up's extras on (KL balancing, λ-weighted spectral and BN terms).
+
+    ``scaler``: fp16's gradient scaler, as the trainer uses it (the prediction leaves it out: it scales in place).
+    """
+    loss_cfg = parts.recipe.model.loss
+    model = parts.model
+    parts.optimizer.zero_grad(set_to_none=True)
+    autocast = (
+        torch.autocast(parts.x.device.type, dtype=parts.autocast_dtype)
+        if parts.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        result = model(parts.x)
+        recon = model.reconstruction_loss(result.output, parts.x)
+        kl_term, _ = balanced_kl(result.kl, 0.5, parts.alpha)
+        loss = (recon + kl_term).mean()
+        if loss_cfg.spectral_coeff > 0:
+            loss = loss + loss_cfg.spectral_coeff * parts.spectral()
+            if loss_cfg.bn_regularization:
+                loss = loss + loss_cfg.spectral_coeff * bn_regularization(model).to(loss.device)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(parts.optimizer)
+    gradient_norm([p for p in model.parameters() if p.grad is not None])
+    if scaler is None:
+        parts.optimizer.step()
+    else:
+        scaler.step(parts.optimizer)
+        scaler.update()
+
+
+# ------------------------------------------------------------------------------------- prediction
+def _state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class MemoryPredictor:
+    """Builds a recipe's model once on fake tensors and predicts one training step at any batch and setting."""
+
+    def __init__(self, recipe: Recipe, device: Device = "cuda") -> None:
+        self.recipe, self.device = recipe, device
+        self.simulated_on = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+        self.block_bytes = CUDA_BLOCK_BYTES if device == "cuda" else 1
+        self._tracker: StorageTracker | None = None
+        self._counted: set[int] = set()
+        try:
+            self.parts = self._build()
+        except Exception:
+            if self.simulated_on == "cpu":
+                raise
+            self._simulate_on_cpu()
+
+    def _build(self) -> StepParts:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.fake_mode = FakeTensorMode()
+        with self.fake_mode:
+            # On CUDA torch picks the multi-tensor Adamax, whose temporaries span all parameters at once.
+            parts = build_step_parts(self.recipe, 1, "fp32", False, self.device == "cuda", self.simulated_on)
+            with StorageTracker():  # answers Adamax's step-count reads on fake tensors; its counts are not kept
+                init_optimizer_state(parts)
+        for p in parts.model.parameters():
+            p.register_post_accumulate_grad_hook(self._count_grad)
+        return parts
+
+    def _simulate_on_cpu(self) -> None:
+        # Fake CUDA tensors failed on this torch build or machine: simulate on the CPU (CPU autocast rules) instead.
+        self.simulated_on = "cpu"
+        self.parts = self._build()
+
+    def _count_grad(self, p: torch.Tensor) -> None:
+        # set_to_none at the start of each step: a gradient is allocated once per parameter per step.
+        if self._tracker is not None and id(p) not in self._counted and p.grad is not None:
+            self._counted.add(id(p))
+            self._tracker.grads += self._tracker._size(p.grad.untyped_storage())
+
+    def predict(
+        self, batch: int | None = None, precision: str | None = None, checkpointing: str | None = None
+    ) -> MemoryPrediction:
+        """Peak bytes of one training step (defaults: the recipe's batch, precision and checkpointing)."""
+        recipe = self.recipe
+        batch = batch or recipe.train.batch_size
+        prec = resolve_precision(precision or recipe.model.numerics.precision, self.device)
+        ckpt = checkpointing or recipe.model.numerics.checkpointing
+        if ckpt not in ("off", "cell"):
+            raise ValueError(f"unknown checkpointing {ckpt!r} (off or cell)")
+        if self.simulated_on == "cpu":
+            return self._predict(batch, prec, ckpt)
+        try:
+            return self._predict(batch, prec, ckpt)
+        except ValueError:
+            raise  # the recipe's own refusal (e.g. batch norm over one value), the same on any device
+        except Exception:
+            self._simulate_on_cpu()
+            return self._predict(batch, prec, ckpt)
+
+    def _predict(self, batch: int, prec: Precision, ckpt: str) -> MemoryPrediction:
+        recipe, parts = self.recipe, self.parts
+        tracker = StorageTracker(self.block_bytes)
+        cfg = recipe.model
+        with self.fake_mode:
+            parts.model.set_checkpointing(ckpt == "cell")
+            parts.autocast_dtype = _AUTOCAST_DTYPES.get(prec)
+            parts.x = torch.rand(batch, cfg.input_channels, cfg.resolution, cfg.resolution, device=self.simulated_on)
+            for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers()):
+                tracker.track(t, "params")
+            for t in _state_tensors(parts.optimizer):
+                tracker.track(t, "optimizer")
+            tracker.track(parts.x, "activations")
+            tracker.reset_peak()
+            self._tracker, self._counted = tracker, set()
+            try:
+                with tracker:
+                    training_step(parts)
+            finally:
+                self._tracker = None
+                parts.optimizer.zero_grad(set_to_none=True)
+                parts.x = parts.x.new_empty(0)
+        kinds = tracker.peak_by_kind
+        ema = kinds.get("params", 0) if recipe.train.ema_decay else 0  # AveragedModel: a copy of params and buffers
+        params, grads, opt = kinds.get("params", 0) + ema, kinds.get("grads", 0), kinds.get("optimizer", 0)
+        peak = tracker.peak + ema
+        return MemoryPrediction(
+            self.device, batch, prec, ckpt, peak, params, grads, opt, peak - params - grads - opt, self.simulated_on
+        )
+
+
+def predict_step_memory(
+    recipe: Recipe,
+    *,
+    batch: int | None = None,
+    precision: str | None = None,
+    checkpointing: str | None = None,
+    device: Device = "cuda",
+) -> MemoryPrediction:
+    """Peak bytes of one training step of ``recipe`` on ``device`` (defaults: the recipe's own settings)."""
+    return MemoryPredictor(recipe, device).predict(batch, precision, checkpointing)
+
+
+# ------------------------------------------------------------------------------------- fitting a GPU
+def usable_bytes(gpu_gb: float) -> int:
+    """What a tensor peak may reach on a GPU sold as ``gpu_gb`` GB (its GiB, less context and fragmentation)."""
+    return int(gpu_gb * GIB * (1 - FRAGMENTATION_RESERVE) - CONTEXT_RESERVE_BYTES)
+
+
+def fits(prediction: MemoryPrediction, gpu_gb: float) -> bool:
+    return prediction.peak_bytes <= usable_bytes(gpu_gb)
+
+
+def largest_batches(
+    predictor: MemoryPredictor, base: MemoryPrediction, limits: dict[str, int], *, cap: int = 1 << 16
+) -> dict[str, int]:
+    """The largest batch whose predicted peak stays within each limit in bytes (0: not even the smallest batch).
+
+    Memory is affine in the batch: two predictions give the line. The guess for the first size is checked with a
+    third prediction; only if the line missed it by more than 1 % is every guess checked and moved down until it
+    fits (each prediction costs a simulated step, so the usual cost is three).
+    """
+    cache = {base.batch: base.peak_bytes}
+
+    def peak(b: int) -> float:
+        if b not in cache:
+            try:
+                cache[b] = predictor.predict(b, base.precision, base.checkpointing).peak_bytes
+            except ValueError:  # batch norm refuses one value per channel (a batch of 1 at a 1x1 scale)
+                cache[b] = math.inf
+        return cache[b]
+
+    b1 = max(base.batch, 2)
+    per_image = max((peak(2 * b1) - peak(b1)) / b1, 1.0)
+    fixed = peak(b1) - per_image * b1
+    guesses = {name: min(cap, max(0, int((limit - fixed) / per_image))) for name, limit in limits.items()}
+    probe = next((g for g in guesses.values() if g >= 1), 0)
+    line_holds = probe == 0 or abs(peak(probe) - (fixed + per_image * probe)) <= 0.01 * peak(probe)
+    result: dict[str, int] = {}
+    for name, guess in guesses.items():
+        limit = limits[name]
+        while guess >= 1 and (not line_holds or guess in cache) and peak(guess) > limit:
+            guess = max(0, min(guess - 1, int(guess * 0.97)))
+        result[name] = guess
+    return result
+
+
+def memory_report(
+    recipe: Recipe,
+    *,
+    workers: int = 1,
+    batch: int | None = None,
+    precision: str | None = None,
+    checkpointing: str | None = None,
+    largest: bool = True,
+) -> dict[str, Any]:
+    """The ``memory`` entry of ``validate --json``: the prediction, which GPU sizes fit, the largest batch each.
+    The batch defaults to one process's among ``workers`` (``train.global_batch_size`` / workers when set)."""
+    predictor = MemoryPredictor(recipe)
+    prediction = predictor.predict(batch or recipe.train.per_process_batch(workers), precision, checkpointing)
+    report = prediction.to_dict()
+    report["fits_gb"] = {str(size): fits(prediction, size) for size in GPU_SIZES_GB}
+    if largest:
+        limits = {str(size): usable_bytes(size) for size in GPU_SIZES_GB}
+        report["largest_batch"] = largest_batches(predictor, prediction, limits)
+    return report
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def memory_lines(report: dict[str, Any]) -> list[str]:
+    """The text form of :func:`memory_report` for ``validate`` without ``--json``."""
+    parts = ", ".join(
+        f"{k} {format_bytes(report[k + '_bytes'])}" for k in ("params", "grads", "optimizer", "activations")
+    )
+    fitting = [size for size, ok in report["fits_gb"].items() if ok]
+    lines = [
+        f"memory of one training step on {report['device']} (batch {report['batch']}, {report['precision']}, "
+        f"checkpointing {report['checkpointing']}): peak {format_bytes(report['peak_bytes'])} ({parts})",
+        f"fits on {' / '.join(fitting) if fitting else 'none of ' + ' / '.join(report['fits_gb'])} GB "
+        f"at batch {report['batch']}",
+    ]
+    if "largest_batch" in report:
+        lines.append(
+            "largest batch that fits: " + ", ".join(f"{size} GB: {b}" for size, b in report["largest_batch"].items())
+        )
+    return lines
+
+
+# ------------------------------------------------------------------------------------- the docs' table
+def paper_table(paths: list[str]) -> list[dict[str, Any]]:
+    """Predicted CUDA peak of each recipe at its per-GPU batch in the paper, fp16/fp32 x checkpointing off/cell."""
+    from .schema import PAPER_PROCESSES, load_recipe
+
+    rows = []
+    for path in paths:
+        recipe = load_recipe(path)
+        per_gpu = recipe.train.per_process_batch(PAPER_PROCESSES.get(recipe.name, 1))
+        predictor = MemoryPredictor(recipe)
+        for precision in ("fp16", "fp32"):
+            for ckpt in ("off", "cell"):
+                p = predictor.predict(per_gpu, precision, ckpt)
+                rows.append(
+                    {
+                        "recipe": path,
+                        "params": sum(q.numel() for q in predictor.parts.model.parameters()),
+                        **p.to_dict(),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+if __name__ == "__main__":  # python -m nvae_search.memory RECIPE...: one JSON line per recipe and setting
+    import sys
+
+    paper_table(sys.argv[1:])

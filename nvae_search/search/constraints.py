@@ -1,0 +1,45 @@
+"""Constraints a space puts on its trials before anything is built: today, the GPU memory of a training step.
+
+A trial predicted (by :mod:`nvae_search.memory`, on fake tensors) to need more than ``constraints.gpu_memory_gib`` is
+pruned with status ``over_memory`` and the prediction, untrained: out-of-memory at trial start is the most common
+failure NVAE users report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..schema import Recipe
+from ..spaces import Space
+from .runner import InvalidCombination
+
+__all__ = ["OverMemory", "check_memory_constraint"]
+
+GIB = 2**30
+
+
+class OverMemory(InvalidCombination):
+    """A trial predicted to need more GPU memory than its space allows: pruned before anything is built on it."""
+
+    status = "over_memory"
+
+    def __init__(self, prediction: Any, limit_gib: float) -> None:
+        super().__init__(
+            f"predicted peak {prediction.peak_gib:.2f} GiB > gpu_memory_gib {limit_gib:g} at batch {prediction.batch}, "
+            f"{prediction.precision}, checkpointing {prediction.checkpointing}"
+        )
+        self.attrs: dict[str, Any] = {"memory": prediction.to_dict(), "predicted_peak_gib": prediction.peak_gib}
+
+
+def check_memory_constraint(space: Space, recipe: Recipe, workers: int = 1) -> Any:
+    """Raise :class:`OverMemory` when the space limits GPU memory and this trial's recipe, at the batch of one of its
+    ``workers`` processes, is predicted over it; returns the prediction (None without a limit)."""
+    limit = space.constraints.gpu_memory_gib
+    if limit is None:
+        return None
+    from ..memory import predict_step_memory
+
+    prediction = predict_step_memory(recipe, device="cuda", batch=recipe.train.per_process_batch(workers))
+    if prediction.peak_bytes > limit * GIB:
+        raise OverMemory(prediction, limit)
+    return prediction

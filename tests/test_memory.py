@@ -1,0 +1,256 @@
+"""Training-step memory predicted on fake tensors: close to real tensor memory, monotone where it must be."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner, Result
+
+from nvae_search import memory
+from nvae_search.cli import app
+from nvae_search.schema import load_recipe
+from nvae_search.search.constraints import OverMemory
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
+FIELDS = (
+    "device",
+    "batch",
+    "precision",
+    "checkpointing",
+    "peak_bytes",
+    "params_bytes",
+    "grads_bytes",
+    "optimizer_bytes",
+    "activations_bytes",
+)
+
+
+def invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor() -> memory.MemoryPredictor:
+    return memory.MemoryPredictor(load_recipe(TINY), device="cuda")
+
+
+def measured_peak_bytes(batch: int) -> int:
+    """The same training step on real CPU tensors, its live tensor bytes counted by the same dispatch tracker."""
+    recipe = load_recipe(TINY)
+    torch.manual_seed(0)
+    parts = memory.build_step_parts(recipe, batch, "fp32", False, foreach=False)
+    memory.init_optimizer_state(parts)
+    tracker = memory.StorageTracker()
+    for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
+        tracker.track(t)
+    for state in parts.optimizer.state.values():
+        for t in state.values():
+            tracker.track(t)
+    tracker.reset_peak()
+    with tracker:
+        memory.training_step(parts)
+    return tracker.peak
+
+
+def test_tracker_counts_live_storages_once_and_keeps_the_peak() -> None:
+    tracker = memory.StorageTracker()
+    with tracker:
+        a = torch.ones(1000)  # 4,000 bytes
+        view = a[10:]  # a view: no new storage
+        b = torch.ones(500, dtype=torch.float16)  # 1,000 bytes
+        assert tracker.current == 5000 and view.numel() == 990
+        del a, view
+        c = torch.ones(250)  # 1,000 bytes, after 4,000 were released
+        assert tracker.current == 2000 and tracker.peak == 5000
+    del b, c
+    assert tracker.current == 0 and tracker.peak == 5000
+    blocks = memory.StorageTracker(block_bytes=512)
+    with blocks:
+        d = torch.ones(1)  # CUDA's caching allocator would hand out 512 bytes for 4
+    assert blocks.peak == 512 and d.numel() == 1
+
+
+def test_prediction_within_15_percent_of_real_tensor_memory_on_cpu() -> None:
+    predicted = memory.predict_step_memory(load_recipe(TINY), batch=8, precision="fp32", device="cpu")
+    measured = measured_peak_bytes(8)
+    assert predicted.device == "cpu" and predicted.batch == 8
+    assert abs(predicted.peak_bytes - measured) <= 0.15 * measured, (predicted.peak_bytes, measured)
+
+
+def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredictor) -> None:
+    base = tiny_predictor.predict(8, "fp32", "off")
+    parts = (base.params_bytes, base.grads_bytes, base.optimizer_bytes, base.activations_bytes)
+    assert sum(parts) == base.peak_bytes and min(parts) >= 0
+    params = sum(p.numel() * p.element_size() for p in tiny_predictor.parts.model.parameters())
+    assert params <= base.params_bytes < 1.5 * params + 512 * 1000  # parameters + buffers, 512-byte CUDA blocks
+    assert base.optimizer_bytes >= 2 * params  # Adamax: exp_avg and exp_inf
+    assert tiny_predictor.predict(16, "fp32", "off").peak_bytes > base.peak_bytes
+    assert tiny_predictor.predict(8, "fp32", "cell").peak_bytes < base.peak_bytes
+    assert tiny_predictor.predict(8, "fp16", "off").activations_bytes < 0.8 * base.activations_bytes
+    assert tiny_predictor.predict(8, "bf16", "off").activations_bytes < 0.8 * base.activations_bytes
+    assert memory.resolve_precision("auto", "cuda") == "fp16" and memory.resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_largest_batch_fits_and_one_more_does_not(tiny_predictor: memory.MemoryPredictor) -> None:
+    base = tiny_predictor.predict(4, "fp32", "off")
+    limit = 3 * base.peak_bytes
+    largest = memory.largest_batches(tiny_predictor, base, {"small": limit})["small"]
+    assert largest > 4
+    assert tiny_predictor.predict(largest, "fp32", "off").peak_bytes <= limit
+    assert tiny_predictor.predict(largest + 1, "fp32", "off").peak_bytes > limit
+
+
+def test_validate_json_adds_memory_and_text_says_what_fits(tiny_predictor: memory.MemoryPredictor) -> None:
+    result = invoke(["validate", str(TINY), "--json", "--batch", "4", "--checkpointing", "cell"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["memory"]
+    assert set(FIELDS) <= set(report)
+    assert (report["device"], report["batch"], report["precision"], report["checkpointing"]) == (
+        "cuda",
+        4,
+        "fp32",
+        "cell",
+    )
+    assert report["fits_gb"] == {"16": True, "24": True, "40": True, "80": True}
+    assert 0 < report["largest_batch"]["16"] < report["largest_batch"]["80"]
+    text = "\n".join(memory.memory_lines(report))
+    assert "fits on 16 / 24 / 40 / 80 GB at batch 4" in text
+    assert f"80 GB: {report['largest_batch']['80']}" in text
+
+
+def test_validate_without_memory_options_predicts_nothing() -> None:
+    result = invoke(["validate", str(TINY), "--json"])
+    assert result.exit_code == 0 and "memory" not in json.loads(result.output)
+
+
+@pytest.mark.parametrize("bad", [["--precision", "fp8"], ["--checkpointing", "all"]])
+def test_validate_rejects_bad_memory_options(bad: list[str]) -> None:
+    result = invoke(["validate", str(TINY), *bad])
+    assert result.exit_code == 2
+    assert bad[0] in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------- search constraint
+def write_space(tmp_path: Path, limit_gib: float) -> Path:
+    """A tiny space whose 'wide' branch (32 channels) needs several times the memory of its 'narrow' one."""
+    doc = {
+        "base_recipe": str(TINY),
+        "study": {"name": "memory", "n_trials": 2, "seed": 0},
+        "budget": {"steps": 4, "eval_iw_samples": 2, "eval_images": 16, "report_every_steps": 2},
+        "sampler": {"type": "grid"},
+        "pruner": {"type": "none"},
+        "constraints": {"gpu_memory_gib": limit_gib},
+        "space": {"model.num_channels_enc": {"type": "categorical", "choices": [4, 32]}},
+    }
+    path = tmp_path / "memory.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_a_trial_predicted_over_the_space_memory_limit_is_pruned_untrained_and_reported(tmp_path: Path) -> None:
+    import optuna
+    from rich.console import Console
+
+    from nvae_search.report import build_report
+    from nvae_search.search.runner import load_study, run_optuna_search
+    from nvae_search.spaces import load_space
+
+    limit = 0.05  # GiB: the tiny recipe at batch 8 needs ~0.02, with 32 encoder channels ~0.1
+    study_dir = run_optuna_search(load_space(write_space(tmp_path, limit)), root=tmp_path / "runs")
+    study = load_study(study_dir)[0]
+    by_width = {t.params["model.num_channels_enc"]: t for t in study.trials}
+    wide, narrow = by_width[32], by_width[4]
+    assert wide.state == optuna.trial.TrialState.PRUNED and wide.user_attrs["status"] == "over_memory"
+    assert wide.user_attrs["memory"]["peak_bytes"] > limit * memory.GIB
+    assert wide.user_attrs["memory"]["batch"] == 8 and "predicted peak" in wide.user_attrs["cause"]
+    assert not Path(wide.user_attrs["run_dir"]).exists()  # no checkpoint, no training, not even a run directory
+    assert narrow.state == optuna.trial.TrialState.COMPLETE
+    assert (Path(narrow.user_attrs["run_dir"]) / "checkpoint.pt").is_file()
+
+    console = Console(record=True, width=200)
+    build_report(study_dir, console=console)
+    text = console.export_text()
+    assert f"over memory: trial {wide.number}: not trained, predicted peak" in text
+    assert "over_memory" in text  # its leaderboard status
+
+
+def test_ray_backend_prunes_over_memory_trials_the_same_way(tmp_path: Path) -> None:
+    import optuna
+
+    from nvae_search.search import ray_backend
+    from nvae_search.spaces import load_space
+
+    space = load_space(write_space(tmp_path, 0.001))
+    with pytest.raises(OverMemory) as caught:
+        ray_backend._trial_recipe(space, {"model.num_channels_enc": 4}, str(tmp_path))
+    outcome = {**caught.value.attrs, "status": caught.value.status, "cause": str(caught.value)}
+    state, values, attrs = ray_backend._decide({"final": 1, "invalid": 1, "outcome": outcome}, False, {})
+    assert state == optuna.trial.TrialState.PRUNED and values is None
+    assert attrs["status"] == "over_memory" and attrs["memory"]["peak_bytes"] > 0.001 * memory.GIB
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "lots"])
+def test_space_memory_limit_must_be_a_positive_number(tmp_path: Path, bad: object) -> None:
+    from nvae_search.config_io import ConfigError
+    from nvae_search.spaces import load_space
+
+    path = write_space(tmp_path, 1.0)
+    path.write_text(path.read_text().replace("gpu_memory_gib: 1.0", f"gpu_memory_gib: {bad}"))
+    with pytest.raises(ConfigError) as caught:
+        load_space(path)
+    assert any("constraints.gpu_memory_gib" in p for p, _ in caught.value.problems)
+
+
+# ------------------------------------------------------------------------------------------- bench gpu
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_gpu_without_cuda_says_so_and_exits_0() -> None:
+    result = invoke(["bench", "gpu"])
+    assert result.exit_code == 0, result.output
+    assert "no CUDA device" in result.output
+    result = invoke(["bench", "gpu", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["cuda"] is False
+
+
+def test_bench_gpu_function_without_cuda_returns_without_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvae_search.bench import GPU_BENCH_RECIPE, GPU_SETTINGS, bench_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_gpu(load_recipe(GPU_BENCH_RECIPE))["cuda"] is False
+    assert {(p, c) for p, c in GPU_SETTINGS} == {(p, c) for p in ("fp16", "bf16", "fp32") for c in ("off", "cell")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_gpu_on_cuda_measures_every_setting_next_to_its_prediction() -> None:
+    from nvae_search.bench import bench_gpu
+
+    report = bench_gpu(load_recipe(TINY), batch=8, steps=1, iw_images=4, iw_samples=4, chunk=2, sample_n=4)
+    assert report["cuda"] is True and len(report["train"]) == 6
+    for row in report["train"]:
+        # cuDNN workspaces can dwarf a tiny model's tensors, so only a prediction far above the measure is wrong.
+        assert row["step_s"] > 0 and 0 < row["predicted_peak_bytes"] < 2 * row["measured_peak_bytes"], row
+    assert report["eval_sample"]["iw_image_passes_per_s"] > 0
+
+
+def test_a_torch_that_cannot_make_fake_cuda_tensors_falls_back_to_cpu_simulation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # claims CUDA; fake CUDA tensors then fail
+    predictor = memory.MemoryPredictor(load_recipe(TINY), device="cuda")
+    assert predictor.simulated_on == "cpu"
+    prediction = predictor.predict(4, "fp32", "off")
+    assert prediction.device == "cuda" and prediction.simulated_on == "cpu" and prediction.peak_bytes > 0
+
+
+def test_the_prediction_is_for_one_process_of_a_global_batch() -> None:
+    sets = ["--set", "train.global_batch_size=16", "--set", "train.batch_size=null"]
+    result = invoke(["validate", str(TINY), "--json", "--memory", "--precision", "fp32", "--workers", "2", *sets])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["batch_per_process"] == summary["memory"]["batch"] == 8
