@@ -200,6 +200,13 @@ def _measure_eval_sample(recipe: Recipe, images: int, iw_samples: int, chunk: in
     }
 
 
+def gpu_batch(recipe: Recipe) -> int:
+    """The batch one GPU takes: a paper recipe's global batch split over the GPUs the paper trained it on."""
+    from .schema import PAPER_PROCESSES
+
+    return recipe.train.per_process_batch(PAPER_PROCESSES.get(recipe.name, 1))
+
+
 def bench_gpu(
     recipe: Recipe,
     *,
@@ -217,7 +224,7 @@ def bench_gpu(
         return {"cuda": False, "message": "no CUDA device: torch.cuda.is_available() is False; nothing was run"}
     from .memory import MemoryPredictor
 
-    batch = batch or recipe.train.batch_size
+    batch = batch or gpu_batch(recipe)
     start = time.perf_counter()
     report: dict[str, Any] = {
         "cuda": True,

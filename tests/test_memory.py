@@ -254,3 +254,11 @@ def test_the_prediction_is_for_one_process_of_a_global_batch() -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["batch_per_process"] == summary["memory"]["batch"] == 8
+
+
+@pytest.mark.parametrize(("name", "per_gpu"), [("mnist", 200), ("cifar10", 32), ("celebahq256", 4)])
+def test_bench_gpu_takes_one_gpus_share_of_a_paper_recipes_global_batch(name: str, per_gpu: int) -> None:
+    from nvae_search.bench import gpu_batch
+
+    assert gpu_batch(load_recipe(ROOT / "recipes" / "paper" / f"{name}.yaml")) == per_gpu
+    assert gpu_batch(load_recipe(TINY)) == 8
