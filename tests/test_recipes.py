@@ -249,7 +249,7 @@ def test_paper_recipe_matches_the_official_builder(rel: str, built: Callable[[st
     assert (facts.params, facts.convs, facts.batch_norms, facts.flow_cells) == PAPER_REFERENCE[rel]
 
 
-# README "Fidelity": parameters, groups per scale (fine→coarse), convs, BN layers, paired flow cells.
+# docs/fidelity.md "Parameter counts" (the README links there): parameters, groups per scale (fine→coarse), convs, BN layers, paired flow cells.
 README_TABLE = {
     "paper/mnist": (33_363_134, [10, 5], 255, 214, 0),
     "paper/cifar10": (130_852_480, [30], 610, 364, 30),
@@ -260,8 +260,8 @@ README_TABLE = {
 }
 
 
-def test_the_readme_table_lists_these_figures() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_fidelity_page_lists_these_figures() -> None:
+    readme = (ROOT / "docs" / "fidelity.md").read_text(encoding="utf-8")
     for name, (params, groups, convs, bns, flows) in README_TABLE.items():
         row = f"| {name} | {params:,} | {groups} | {convs} | {bns} | {flows} |"
         assert row in readme, row

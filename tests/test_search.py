@@ -79,6 +79,8 @@ def test_divergent_trials_are_failed_with_attributes_and_the_study_goes_on(tmp_p
             assert trial.state == State.FAIL and trial.user_attrs["status"] == "diverged"
             assert trial.user_attrs["diverged_step"] >= 1 and "non-finite" in trial.user_attrs["cause"]
             assert trial.values is None
+            # the gradient-norm figures of the steps before the divergence reach the study too
+            assert trial.user_attrs["grad_norm_max"] >= trial.user_attrs["grad_norm_mean"] > 0
         else:
             assert trial.state == State.COMPLETE
 
