@@ -17,8 +17,9 @@ from .evaluate import EvalResult, evaluate
 from .images import make_grid, save_png
 from .model.builder import build_model
 from .model.nvae import NVAE
+from .rundir import RESOLVED_RECIPE
+from .runtime import pick_device
 from .schema import Recipe, load_recipe
-from .train import RESOLVED_RECIPE, pick_device
 
 
 @dataclass

@@ -7,8 +7,12 @@ import ctypes.util
 import functools
 import os
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["tune_allocator"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["pick_device", "tune_allocator"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -34,3 +38,15 @@ def tune_allocator() -> bool:
     # glibc caps the mmap threshold (32 MiB on 64-bit in recent versions); try high, then the cap.
     mmap_ok = any(mallopt(_M_MMAP_THRESHOLD, size) == 1 for size in (1 << 30, 32 << 20))
     return mmap_ok and mallopt(_M_TRIM_THRESHOLD, 1 << 31) == 1
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device; else this rank's GPU under torch.distributed, any GPU, or the CPU."""
+    import torch  # here: the CLI imports this module and must not pay for torch on --help
+    import torch.distributed as dist
+
+    if device is not None:
+        return torch.device(device)
+    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

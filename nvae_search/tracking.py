@@ -136,7 +136,7 @@ def sample_grid(run_dir: Path) -> Path | None:
 
 
 def _artifacts(run_dir: Path, with_samples: bool) -> list[Path]:
-    from .train import RESOLVED_RECIPE
+    from .rundir import RESOLVED_RECIPE
 
     found = [run_dir / name for name in (RESOLVED_RECIPE, "summary.json", "params.json") if (run_dir / name).is_file()]
     if with_samples:
@@ -316,7 +316,7 @@ class WandbStudy:
         self.cfg, self.space, self.study_dir = cfg, space, study_dir
 
     def wrap(self, objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
-        from .search.runner import TRIALS_DIR
+        from .rundir import TRIALS_DIR
 
         def tracked(trial: optuna.Trial) -> Any:
             run_dir = self.study_dir / TRIALS_DIR / f"{trial.number:04d}"

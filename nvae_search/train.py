@@ -45,13 +45,15 @@ from .objectives import (
     kl_coefficient,
     spectral_lambda,
 )
+from .rundir import RESOLVED_RECIPE
+from .runtime import pick_device
 from .schema import Recipe, dump_recipe, paper_batch_warning, recipe_to_dict
+from .status import TrialStatus
 from .telemetry import StabilityTracker, active_units, gradient_norm
 
 Reporter = Callable[[int, dict[str, float]], bool]
 """Called at every log step with the step and metrics; returning True stops the run (e.g. pruned)."""
 
-RESOLVED_RECIPE = "recipe.resolved.yaml"
 DEFAULT_EPOCHS = 200
 STEP_TIME_PROBE = 5  # steps timed to turn a wall-clock-only budget into a step count
 # A minutes-only budget is re-planned after every step up to this one, from the time left and the recent step
@@ -113,7 +115,7 @@ def resumable_state(checkpoint: Path, recipe: Recipe, device: str | torch.device
 
 @dataclass
 class RunSummary:
-    status: str  # completed | diverged | stopped
+    status: TrialStatus  # completed | diverged | stopped
     cause: str | None
     diverged_step: int | None
     steps: int
@@ -150,14 +152,6 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -646,15 +640,15 @@ class Trainer:
             return True  # the same step count on every rank
         return self._any_rank(self.cfg.minutes is not None and self.elapsed >= self.cfg.minutes * 60)
 
-    def _loop(self) -> tuple[str, str | None, int | None]:
+    def _loop(self) -> tuple[TrialStatus, str | None, int | None]:
         progress = _Progress(self) if (self.cfg.progress and self.main) else None
         last_save = clock()
         batches = self._batches()
-        status, cause, diverged_step = "completed", None, None
+        status, cause, diverged_step = TrialStatus.COMPLETED, None, None
         try:
             while not self._budget_reached():
                 if self._any_rank(self.stop.reason is not None):
-                    return "stopped", self.stop.reason or "interrupted on another rank", None
+                    return TrialStatus.STOPPED, self.stop.reason or "interrupted on another rank", None
                 x = self.training_batch(next(batches))
                 t0 = clock()
                 divergence, info = self.train_step(x)
@@ -663,14 +657,14 @@ class Trainer:
                 self.step += 1
                 self.step_times.append(dt)
                 if divergence is not None:
-                    return "diverged", divergence, self.step
+                    return TrialStatus.DIVERGED, divergence, self.step
                 if STEP_TIME_PROBE <= self.step <= CLOCK_REPLAN_UNTIL and self._budget_is_clock_only():
                     self._set_total_steps(self._rank0_int(self._steps_left_on_clock()))
                 if info is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                     metrics = self._metrics(info)
                     self.log(metrics)
                     if self.reporter is not None and self.reporter(self.step, metrics):
-                        status, cause = "stopped", "pruned"
+                        status, cause = TrialStatus.STOPPED, "pruned"
                         break
                 if progress is not None:
                     progress.update(info)
@@ -686,11 +680,11 @@ class Trainer:
                 progress.close()
         return status, cause, diverged_step
 
-    def _finish(self, status: str, cause: str | None, diverged_step: int | None) -> RunSummary:
-        if status != "diverged":
+    def _finish(self, status: TrialStatus, cause: str | None, diverged_step: int | None) -> RunSummary:
+        if status != TrialStatus.DIVERGED:
             self.save()
         eval_result = None
-        if status == "completed" and self.cfg.eval_at_end and self.main:
+        if status == TrialStatus.COMPLETED and self.cfg.eval_at_end and self.main:
             eval_result = self.final_eval().to_dict()
         kl = self.last_metrics.get("kl_per_group", [])
         units = self.last_metrics.get("active_units_per_group", [])
@@ -755,7 +749,7 @@ class Trainer:
         hparams = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
         metrics = {
             "hparam/train_nelbo": summary.train_nelbo or float("nan"),
-            "hparam/diverged": float(summary.status == "diverged"),
+            "hparam/diverged": float(summary.status == TrialStatus.DIVERGED),
         }
         if summary.eval:
             metrics["hparam/eval_nll"] = summary.eval["nll"]

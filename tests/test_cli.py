@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
-from nvae_search import cli
 from nvae_search.cli import app
+from nvae_search.cli.tables import profile_table
+from nvae_search.profile import profile_report
+from nvae_search.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_RECIPES = sorted(glob.glob("recipes/cpu/*.yaml", root_dir=ROOT))
@@ -80,7 +84,7 @@ def test_schema_space() -> None:
 
 
 def test_schema_space_without_the_module_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     result = invoke(["schema", "--space"])
     assert result.exit_code == 2
     assert "nvae_search.spaces" in result.output
@@ -119,14 +123,14 @@ def fake_run(step_time: float, memory: float, flops: float) -> dict[str, Any]:
 
 
 def test_profile_table_has_both_settings_and_ratios() -> None:
-    recipe = cli.load_recipe(ROOT / "recipes/cpu/tiny.yaml")
+    recipe = load_recipe(ROOT / "recipes/cpu/tiny.yaml")
     runs = {"off": fake_run(0.5, 100.0, 3e9), "on": fake_run(0.75, 40.0, 4e9)}
     job = {"device": "cpu", "batch": 8, "steps": 3}
-    report = cli.profile_report(recipe, "tiny.yaml", runs, job)
+    report = profile_report(recipe, "tiny.yaml", runs, job)
     assert report["ratio_on_off"]["step_time_median_s"] == pytest.approx(1.5)
     assert report["ratio_on_off"]["peak_memory_mib"] == pytest.approx(0.4)
-    console = cli.Console(width=200, record=True)
-    console.print(cli.profile_table(report))
+    console = Console(width=200, record=True)
+    console.print(profile_table(report))
     text = console.export_text()
     for fragment in ("checkpointing off", "checkpointing on", "ratio on/off", "1,234", "3.0000", "1.50", "0.40"):
         assert fragment in text

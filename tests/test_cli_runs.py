@@ -164,7 +164,7 @@ def test_bench_step_json() -> None:
 def test_summary_of_a_run_stopped_before_its_step_plan_says_so() -> None:
     from rich.console import Console
 
-    from nvae_search.cli import run_summary_table
+    from nvae_search.cli.tables import run_summary_table
 
     summary = {"out_dir": "runs/x", "status": "stopped", "cause": "SIGTERM", "diverged_step": None, "unit": "nats"}
     summary |= {"steps": 3, "total_steps": 0, "epochs": 0.01, "wall_s": 1.2, "step_time_s": 0.4, "train_nelbo": None}

@@ -3,7 +3,10 @@
 - the schema, config and search-space modules never import torch;
 - network modules under ``model/`` (except ``builder.py``) never see the schema or the spaces;
 - no module imports optuna or ray when it is itself imported (only inside functions);
-- nothing imports the CLI (``__main__`` excepted, which exists to run it).
+- nothing imports the CLI (``__main__`` excepted, which exists to run it);
+- every module sits on one of six floors (:data:`FLOORS`) and imports only from its own floor or lower, function-local
+  imports included (``TYPE_CHECKING`` imports excepted: they never run);
+- the CLI imports no network module, and the report reaches neither training nor a search backend.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class Import:
     module: str  # absolute dotted name
     runs_on_import: bool  # executed when the importing module is imported: not in a function, not TYPE_CHECKING
     line: int
+    type_only: bool = False  # under ``if TYPE_CHECKING:``: never executed
+    maybe_attribute: bool = False  # the ``name`` of ``from pkg import name``: a submodule or just an attribute
 
 
 def resolve(module_name: str, is_package: bool, level: int, target: str | None) -> str:
@@ -48,30 +53,34 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _records(node: ast.Import | ast.ImportFrom, module_name: str, is_package: bool, runs: bool) -> list[Import]:
+def _records(
+    node: ast.Import | ast.ImportFrom, module_name: str, is_package: bool, runs: bool, type_only: bool = False
+) -> list[Import]:
     if isinstance(node, ast.Import):
-        return [Import(alias.name, runs, node.lineno) for alias in node.names]
+        return [Import(alias.name, runs, node.lineno, type_only) for alias in node.names]
     base = resolve(module_name, is_package, node.level, node.module)
     # `from pkg import name` may import the submodule pkg.name, so both count.
-    return [Import(base, runs, node.lineno)] + [Import(f"{base}.{a.name}", runs, node.lineno) for a in node.names]
+    return [Import(base, runs, node.lineno, type_only)] + [
+        Import(f"{base}.{a.name}", runs, node.lineno, type_only, maybe_attribute=True) for a in node.names
+    ]
 
 
 def imports_of(source: str, module_name: str, is_package: bool = False) -> list[Import]:
     """Every import statement of a module, each marked with whether it runs when the module is imported."""
     found: list[Import] = []
 
-    def walk(node: ast.AST, runs: bool) -> None:
+    def walk(node: ast.AST, runs: bool, type_only: bool = False) -> None:
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             for child in node.body:
-                walk(child, False)
+                walk(child, False, True)
             for child in node.orelse:
-                walk(child, runs)
+                walk(child, runs, type_only)
             return
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            found.extend(_records(node, module_name, is_package, runs))
+            found.extend(_records(node, module_name, is_package, runs, type_only))
         inside_function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
         for child in ast.iter_child_nodes(node):
-            walk(child, runs and not inside_function)
+            walk(child, runs and not inside_function, type_only)
 
     walk(ast.parse(source), True)
     return found
@@ -93,8 +102,83 @@ def violations(module_name: str, source: str, is_package: bool = False) -> list[
             out.append(f"{where}: only model.builder may see the schema or the spaces")
         if imp.runs_on_import and _hits(imp, SEARCH_BACKENDS):
             out.append(f"{where}: search backends are imported inside functions only")
-        if module_name != "nvae_search.__main__" and _hits(imp, ("nvae_search.cli",)):
+        in_cli = module_name == "nvae_search.cli" or module_name.startswith("nvae_search.cli.")
+        if module_name != "nvae_search.__main__" and not in_cli and _hits(imp, ("nvae_search.cli",)):
             out.append(f"{where}: nothing imports the CLI")
+        if in_cli and not imp.type_only and _hits(imp, ("nvae_search.model",)):
+            out.append(f"{where}: the CLI parses and prints; the network is for the modules below it")
+    return out
+
+
+# Each module's floor: an import may point to its own floor or lower, never up. A package name covers its
+# submodules unless one is listed itself; a new module needs a row here (the test says which).
+FLOORS: dict[str, int] = {
+    # 0: configuration and vocabulary: torch-free
+    "nvae_search": 0,
+    "nvae_search.schema": 0,
+    "nvae_search.schema_docs": 0,
+    "nvae_search.config_io": 0,
+    "nvae_search.spaces": 0,
+    "nvae_search.status": 0,
+    "nvae_search.rundir": 0,
+    "nvae_search.runtime": 0,
+    "nvae_search.provenance": 0,
+    "nvae_search.builtins": 0,
+    "nvae_search.datasets": 0,
+    # 1: the network modules; they never see the schema
+    "nvae_search.model.ops": 1,
+    "nvae_search.model.cells": 1,
+    "nvae_search.model.distributions": 1,
+    "nvae_search.model.flows": 1,
+    "nvae_search.model.nvae": 1,
+    # 2: schema meets network (the builder), data, objectives, stability, checkpoints, evaluation
+    "nvae_search.model": 2,
+    "nvae_search.model.builder": 2,
+    "nvae_search.data": 2,
+    "nvae_search.images": 2,
+    "nvae_search.objectives": 2,
+    "nvae_search.telemetry": 2,
+    "nvae_search.checkpoint": 2,
+    "nvae_search.evaluate": 2,
+    # 3: training, run directories, profiling, memory, tracking
+    "nvae_search.train": 3,
+    "nvae_search.distributed": 3,
+    "nvae_search.runs": 3,
+    "nvae_search.outputs": 3,
+    "nvae_search.profile": 3,
+    "nvae_search.memory": 3,
+    "nvae_search.bench": 3,
+    "nvae_search.tracking": 3,
+    # 4: search backends, repeats and the report
+    "nvae_search.search": 4,
+    # 5: the command line
+    "nvae_search.cli": 5,
+    "nvae_search.__main__": 5,
+}
+
+
+def floor_of(module: str) -> int | None:
+    """The floor of a package module (its longest listed prefix); None for one not listed."""
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        floor = FLOORS.get(".".join(parts[:end]))
+        if floor is not None and (end == len(parts) or ".".join(parts[:end]) != "nvae_search"):
+            return floor
+    return None
+
+
+def upward_imports(module_name: str, source: str, is_package: bool, known: set[str]) -> list[str]:
+    """Imports of package modules on a higher floor than ``module_name`` (function-local ones included)."""
+    own = floor_of(module_name)
+    out = []
+    for imp in imports_of(source, module_name, is_package):
+        target = imp.module
+        # A module's own packages are imported before it anyway (`from . import x` names one of them).
+        if imp.type_only or target not in known or module_name.startswith(f"{target}.") or target == module_name:
+            continue
+        floor = floor_of(target)
+        if own is not None and floor is not None and floor > own:
+            out.append(f"{module_name} (floor {own}):{imp.line} imports {target} (floor {floor})")
     return out
 
 
@@ -109,6 +193,56 @@ def package_modules() -> list[tuple[str, Path, bool]]:
 
 
 # ----------------------------------------------------------------------------------- the real package
+def _package_sources() -> tuple[list[tuple[str, str, bool]], set[str]]:
+    modules = [(name, path.read_text(encoding="utf-8"), pkg) for name, path, pkg in package_modules()]
+    return modules, {name for name, _, _ in modules}
+
+
+def test_every_module_has_a_floor() -> None:
+    unlisted = [name for name, _, _ in package_modules() if floor_of(name) is None]
+    assert not unlisted, f"add these modules to FLOORS: {unlisted}"
+    assert len(set(FLOORS.values())) <= 6
+
+
+def test_every_import_of_the_package_names_an_existing_module() -> None:
+    """A function-local import of a moved module fails only when the function runs: catch it here."""
+    modules, known = _package_sources()
+    missing = [
+        f"{name}:{imp.line} imports {imp.module}"
+        for name, source, pkg in modules
+        for imp in imports_of(source, name, pkg)
+        if imp.module.startswith("nvae_search") and not imp.maybe_attribute and imp.module not in known
+    ]
+    assert not missing, "\n".join(missing)
+
+
+def test_every_import_points_to_its_own_floor_or_lower() -> None:
+    modules, known = _package_sources()
+    upward = [v for name, source, pkg in modules for v in upward_imports(name, source, pkg, known)]
+    assert not upward, "\n".join(upward)
+
+
+def _reachable(start: str) -> set[str]:
+    """Package modules that importing ``start`` may import, at once or later in a function (not TYPE_CHECKING)."""
+    modules, _ = _package_sources()
+    sources = {name: (source, pkg) for name, source, pkg in modules}
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in sources:
+            continue
+        seen.add(name)
+        todo += [i.module for i in imports_of(sources[name][0], name, sources[name][1]) if not i.type_only]
+    return seen
+
+
+def test_the_report_reaches_neither_training_nor_a_search_backend() -> None:
+    reached = _reachable("nvae_search.search.report")
+    forbidden = {"nvae_search.train", "nvae_search.search.runner", "nvae_search.search.ray_backend"}
+    forbidden |= {"nvae_search.search.repeats", "nvae_search.distributed"}
+    assert not reached & forbidden, sorted(reached & forbidden)
+
+
 def test_the_package_keeps_its_layers() -> None:
     modules = package_modules()
     assert {"nvae_search.schema", "nvae_search.model.builder", "nvae_search.cli"} <= {m for m, _, _ in modules}
@@ -173,6 +307,7 @@ def test_public_train_and_evaluate_are_the_functions_not_the_submodules(name: st
         ("nvae_search.search.tune", "class A:\n    import optuna.samplers\n", "inside functions only"),
         ("nvae_search.train", "from . import cli\n", "nothing imports the CLI"),
         ("nvae_search.search", "from ..cli import app\n", "nothing imports the CLI"),
+        ("nvae_search.cli.run_commands", "def f():\n    from ..model.nvae import NVAE\n", "the CLI parses"),
     ],
 )
 def test_checker_flags_a_synthetic_violation(module: str, source: str, fragment: str) -> None:
@@ -182,12 +317,29 @@ def test_checker_flags_a_synthetic_violation(module: str, source: str, fragment:
 
 
 @pytest.mark.parametrize(
+    ("module", "source", "upward"),
+    [
+        ("nvae_search.data", "def f():\n    from .train import pick_device\n", True),  # function-local counts too
+        ("nvae_search.search.report", "from .runner import run_trial\n", False),  # same floor
+        ("nvae_search.tracking", "def f():\n    from .search.runner import TRIALS_DIR\n", True),
+        ("nvae_search.model.cells", "from .builder import build_model\n", True),
+        ("nvae_search.checkpoint", "if TYPE_CHECKING:\n    from .train import RunSummary\n", False),
+        ("nvae_search.cli.common", "from ..search.report import build_report\n", False),
+    ],
+)
+def test_floor_checker_on_synthetic_imports(module: str, source: str, upward: bool) -> None:
+    _, known = _package_sources()
+    assert bool(upward_imports(module, source, False, known)) is upward
+
+
+@pytest.mark.parametrize(
     ("module", "source"),
     [
         ("nvae_search.model.builder", "from ..schema import ModelConfig\n"),
         ("nvae_search.search.tune", "def run():\n    import optuna\n    from ray import tune\n"),
         ("nvae_search.search.compile", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import optuna\n"),
         ("nvae_search.__main__", "from nvae_search.cli import main\n"),
+        ("nvae_search.cli.run_commands", "from .common import app\n"),
         ("nvae_search.model.nvae", "import torch\nfrom .ops import Conv2D\n"),
     ],
 )

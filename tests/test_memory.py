@@ -156,7 +156,7 @@ def test_a_trial_predicted_over_the_space_memory_limit_is_pruned_untrained_and_r
     import optuna
     from rich.console import Console
 
-    from nvae_search.report import build_report
+    from nvae_search.search.report import build_report
     from nvae_search.search.runner import load_study, run_optuna_search
     from nvae_search.spaces import load_space
 

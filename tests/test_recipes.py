@@ -311,13 +311,13 @@ def test_tiny_step_fits_a_flop_budget() -> None:
     """The recipe most tests train stays tiny: a budget on the work of one step (the FLOPs `bench` counts),
     not on this machine's speed. Measured: 10.2 MFLOP per image forward, 30.7 forward + backward; a batch of 8
     is then ~0.25 GFLOP, well under a second on any CPU."""
-    from nvae_search.cli import _count_flops
+    from nvae_search.profile import count_flops
 
     cfg = load_recipe(ROOT / "recipes/cpu/tiny.yaml").model
     torch.manual_seed(0)
     model = build_model(cfg).train()
     x = real_shaped_batch(cfg, 8)
-    forward = _count_flops(model, x, backward=False) / 8
-    step = _count_flops(model, x, backward=True) / 8
+    forward = count_flops(model, x, backward=False) / 8
+    step = count_flops(model, x, backward=True) / 8
     assert forward > 5e6 and step < 40e6, (forward, step)
     assert 2.0 < step / forward < 3.5, (forward, step)  # backward: one input and one weight gradient per conv

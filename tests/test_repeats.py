@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from nvae_search.cli import app
 from nvae_search.search.repeats import run_repeats
-from nvae_search.search.runner import config_id, create_study, run_optuna_search, storage_url, write_study_file
+from nvae_search.search.runner import create_study, run_optuna_search, storage_url, write_study_file
+from nvae_search.search.trial import config_id
 from nvae_search.spaces import Space, load_space
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "cpu" / "tiny.yaml"

@@ -22,15 +22,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-from nvae_search.report import Report, build_report, fmt_count, fmt_num, short_names
-from nvae_search.search.runner import (
-    OUTCOME_KEYS,
-    config_id,
-    create_study,
-    run_optuna_search,
-    storage_url,
-    write_study_file,
-)
+from nvae_search.search.report import Report, build_report
+from nvae_search.search.report_rows import fmt_count, fmt_num, short_names
+from nvae_search.search.runner import create_study, run_optuna_search, storage_url, write_study_file
+from nvae_search.search.trial import OUTCOME_KEYS, config_id
 from nvae_search.spaces import Space, load_space
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "cpu" / "tiny.yaml"
@@ -521,7 +516,7 @@ def test_report_imports_no_training_code(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from rich.console import Console\n"
-        "from nvae_search.report import build_report\n"
+        "from nvae_search.search.report import build_report\n"
         f"r = build_report({str(study_dir)!r}, console=Console(quiet=True))\n"
         "assert len(r.missing_repeats) == 2, r.missing_repeats\n"
         "training = ('torch', 'nvae_search.train', 'nvae_search.search.repeats', 'ray')\n"

@@ -11,7 +11,8 @@ from typing import Any
 
 from ..schema import Recipe
 from ..spaces import Space
-from .runner import InvalidCombination
+from ..status import TrialStatus
+from .trial import InvalidCombination
 
 __all__ = ["OverMemory", "check_memory_constraint"]
 
@@ -21,7 +22,7 @@ GIB = 2**30
 class OverMemory(InvalidCombination):
     """A trial predicted to need more GPU memory than its space allows: pruned before anything is built on it."""
 
-    status = "over_memory"
+    status = TrialStatus.OVER_MEMORY
 
     def __init__(self, prediction: Any, limit_gib: float) -> None:
         super().__init__(

@@ -9,7 +9,7 @@ see Ray trials like any other). What this module adds to stock Ray:
   trial that ASHA stopped early as PRUNED with its last intermediate value (stock Ray tells COMPLETE, so TPE would
   mistake low-fidelity losses for final ones), a completed trial with its objective value(s), and an invalid
   combination as PRUNED (status ``invalid``), as the Optuna backend does. Every trial gets the outcome user
-  attributes of :data:`nvae_search.search.runner.OUTCOME_KEYS`.
+  attributes of :data:`nvae_search.search.trial.OUTCOME_KEYS`.
 - **A trial never reports NaN.** The trainable reports the training NELBO (per-dim unit) every
   ``budget.report_every_steps`` as ``train_nelbo`` (ASHA's metric and Optuna's intermediate value) and a final
   result flagged ``final: 1`` that carries the objective values and the outcome. Divergence is an outcome
@@ -41,20 +41,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, atomic_write_text
+from ..status import TrialStatus
 from .runner import (
-    OUTCOME_KEYS,
     TRIALS_DIR,
-    InvalidCombination,
     _enqueue_warm_start,
-    config_id,
     finished_trials,
     open_study,
     optuna_log_file,
-    outcome_from_summary,
     recover_interrupted,
     study_dir_for,
 )
 from .storage import open_storage
+from .trial import OUTCOME_KEYS, InvalidCombination, config_id, outcome_from_summary
 
 if TYPE_CHECKING:
     import optuna
@@ -170,33 +168,37 @@ def _decide(result: Mapping[str, Any] | None, error: bool, last: Mapping[str, An
         attrs["train_nelbo"] = seen[METRIC]
 
     if error:
-        attrs.update(status="error", cause="the trial raised or its worker died, after Ray's retries; see the Ray log")
+        attrs.update(
+            status=TrialStatus.ERROR, cause="the trial raised or its worker died, after Ray's retries; see the Ray log"
+        )
         return TrialState.FAIL, None, attrs
     if not result:
         # Tune ended it before it ever reported (e.g. a pending trial at the end of an interrupted experiment).
-        attrs.update(status="interrupted", cause="ended by Ray before its first report", interrupted=True)
+        attrs.update(status=TrialStatus.INTERRUPTED, cause="ended by Ray before its first report", interrupted=True)
         return TrialState.FAIL, None, attrs
     if result.get("final"):
         attrs.update(_outcome_from_result(result))
         status = attrs.get("status")
-        if result.get("invalid") or status == "invalid":
-            attrs["status"] = "over_memory" if status == "over_memory" else "invalid"
+        if result.get("invalid") or status == TrialStatus.INVALID:
+            attrs["status"] = TrialStatus.OVER_MEMORY if status == TrialStatus.OVER_MEMORY else TrialStatus.INVALID
             return TrialState.PRUNED, None, attrs
-        if result.get("diverged") or status == "diverged":
-            attrs["status"] = "diverged"
+        if result.get("diverged") or status == TrialStatus.DIVERGED:
+            attrs["status"] = TrialStatus.DIVERGED
             return TrialState.FAIL, None, attrs
-        if status == "stopped":
-            attrs["status"] = "pruned"
+        if status == TrialStatus.STOPPED:
+            attrs["status"] = TrialStatus.PRUNED
             return TrialState.PRUNED, None, attrs
         values = result.get("objective")
-        if status == "completed" and isinstance(values, (list, tuple)) and values:
+        if status == TrialStatus.COMPLETED and isinstance(values, (list, tuple)) and values:
             floats = [float(v) for v in values]
             if all(math.isfinite(v) for v in floats):
                 return TrialState.COMPLETE, (floats[0] if len(floats) == 1 else floats), attrs
-        attrs.update(status="diverged", cause=attrs.get("cause") or "no finite objective value at the end of the run")
+        attrs.update(
+            status=TrialStatus.DIVERGED, cause=attrs.get("cause") or "no finite objective value at the end of the run"
+        )
         return TrialState.FAIL, None, attrs
     # Stopped by the scheduler (ASHA) or by the study's time budget before it reported its final result.
-    attrs.update(status="pruned", cause=f"stopped early by Ray at step {attrs.get('steps')}")
+    attrs.update(status=TrialStatus.PRUNED, cause=f"stopped early by Ray at step {attrs.get('steps')}")
     return TrialState.PRUNED, None, attrs
 
 
@@ -285,7 +287,7 @@ def _searcher_class() -> type:
             except Exception:  # never leave the Optuna trial RUNNING
                 logger.exception("could not tell Optuna the outcome of Ray trial %s; marking it FAIL", trial_id)
                 try:
-                    ot_trial.set_user_attr("status", "error")
+                    ot_trial.set_user_attr("status", TrialStatus.ERROR)
                     self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
                 except Exception:
                     logger.exception("could not mark the Optuna trial of Ray trial %s as FAIL", trial_id)
@@ -410,7 +412,7 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
     try:
         recipe = _trial_recipe(space, values, driver_cwd)
     except InvalidCombination as err:
-        status = getattr(err, "status", "invalid")  # or over_memory, with the prediction in attrs
+        status = getattr(err, "status", TrialStatus.INVALID)  # or over_memory, with the prediction in attrs
         outcome = {**ident, **getattr(err, "attrs", {}), "status": status, "cause": str(err)}
         outcome["trial_s"] = time.perf_counter() - start
         tune.report({METRIC: PLACEHOLDER, "final": 1, "invalid": 1, "diverged": 0, "outcome": outcome, **ident})
@@ -483,7 +485,7 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
 
             summary = train(recipe, run_dir, resume=resume, reporter=on_report)
     except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome, not a Ray error to retry
-        outcome = {**ident, "status": "diverged", "cause": str(err), "trial_s": trial_s()}
+        outcome = {**ident, "status": TrialStatus.DIVERGED, "cause": str(err), "trial_s": trial_s()}
         tune.report({METRIC: PLACEHOLDER, "final": 1, "invalid": 0, "diverged": 1, "outcome": outcome, **ident})
         return
     if state["stopped"]:
@@ -499,7 +501,7 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
             "step": summary.steps,
             "final": 1,
             "invalid": 0,
-            "diverged": int(attrs["status"] == "diverged"),
+            "diverged": int(attrs["status"] == TrialStatus.DIVERGED),
             "objective": outcome_obj.values,
             "outcome": attrs,
             **ident,

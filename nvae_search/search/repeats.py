@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, atomic_write_text
-from ..report import RepeatJob, plan_repeats, study_rows
-from .runner import InvalidCombination, load_study, run_trial
+from ..status import TrialStatus
+from .report_rows import RepeatJob, plan_repeats, study_rows
+from .runner import run_trial
+from .trial import InvalidCombination, load_study
 
 if TYPE_CHECKING:
     from ..spaces import Space
@@ -75,7 +77,7 @@ def run_one(space: Space, job: RepeatJob) -> str:
     resume = _prepare(job)
     (job.run_dir / FAILED_FILE).unlink(missing_ok=True)
     outcome = run_trial(space, job.values, job.run_dir, resume=resume)
-    if outcome.status in ("completed", "diverged"):
+    if outcome.status in (TrialStatus.COMPLETED, TrialStatus.DIVERGED):
         _drop_checkpoint(space, job)
     return outcome.status
 
@@ -124,13 +126,13 @@ def run_repeats(
         try:
             status = run_one(space, job)
         except InvalidCombination as err:
-            status, error = "invalid", str(err)
+            status, error = TrialStatus.INVALID, str(err)
         except Exception as err:  # one broken repeat must not stop the others
-            status, error = "failed", f"{type(err).__name__}: {err}"
+            status, error = TrialStatus.FAILED, f"{type(err).__name__}: {err}"
         _record(result, job, status, error)
         if on_end is not None:
             on_end(job, status, error)
-        if status == "stopped":
+        if status == TrialStatus.STOPPED:
             break  # SIGINT/SIGTERM: the run checkpointed and stopped; the next `repeat` resumes it
     if backend == "ray" and plan.missing:
         for job, status, error in _run_on_ray(space, plan.missing, root, address):
@@ -168,7 +170,7 @@ def _ray_repeat(config: dict[str, Any], *, space: Space, jobs: list[RepeatJob], 
         try:
             status = run_one(space, jobs[index])
         except InvalidCombination as err:  # not worth a retry; other errors are Ray's to retry (max_failures)
-            status, error = "invalid", str(err)
+            status, error = TrialStatus.INVALID, str(err)
     tune.report({"job": index, "status": status, "error": error})
 
 
@@ -214,7 +216,7 @@ def _run_on_ray(
                 continue
             metrics = res.metrics or {}
             if res.error is not None:
-                out[int(index)] = ("failed", f"{type(res.error).__name__}: {res.error}")
+                out[int(index)] = (TrialStatus.FAILED, f"{type(res.error).__name__}: {res.error}")
             elif "status" in metrics:
                 out[int(index)] = (str(metrics["status"]), metrics.get("error"))
     finally:
@@ -223,4 +225,4 @@ def _run_on_ray(
 
             ray.shutdown()
     # A job with no result was cut off (the driver stopped): like a stopped run, the next `repeat` resumes it.
-    return [(job, *out.get(i, ("stopped", None))) for i, job in enumerate(jobs)]
+    return [(job, *out.get(i, (TrialStatus.STOPPED, None))) for i, job in enumerate(jobs)]

@@ -1,146 +1,39 @@
-"""Backend-neutral trials, and the in-process Optuna backend.
+"""Training one trial, and the in-process Optuna backend.
 
 A study directory ``runs/<study>/`` holds ``study.json`` (where the study is stored), ``space.yaml`` (the space
 file as run), the Optuna journal, and one training run per trial under ``trials/NNNN/``. Every trial's outcome
-is stored as Optuna user attributes (see :data:`OUTCOME_KEYS`), so ``report`` works the same for both backends.
+is stored as Optuna user attributes (see :data:`.trial.OUTCOME_KEYS`), so ``report`` works the same for both
+backends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config_io import ConfigError, atomic_write_text, read_json_mapping
-from ..spaces import Space, apply_params, load_space
+from ..config_io import ConfigError, atomic_write_text
+from ..rundir import TRIALS_DIR
+from ..spaces import Space, apply_params
+from ..status import TrialStatus
 from ..tracking import study_tracking
 from .storage import check_storage, open_storage, resolve_storage_url, workers_lock
+from .trial import STUDY_FILE, InvalidCombination, TrialDiverged, TrialOutcome, outcome_from_summary
+from .trial import load_study as load_study  # where callers of the Optuna backend have always found it
 
 if TYPE_CHECKING:
     import optuna
 
     from ..schema import TrackingConfig
-    from ..train import RunSummary
-
-STUDY_FILE = "study.json"
-TRIALS_DIR = "trials"
-OUTCOME_KEYS = (
-    "status",
-    "cause",
-    "diverged_step",
-    "steps",
-    "grad_norm_max",
-    "grad_norm_mean",
-    "loss_spikes",
-    "skipped_steps",
-    "active_groups",
-    "num_groups",
-    "params",
-    "step_time",
-    "peak_memory",
-    "train_nelbo",
-    "eval_nelbo",
-    "eval_nll",
-    "unit",
-    "train_s",
-    "trial_s",
-    "run_dir",
-    "config_id",
-    "seed",
-    "values",
-)
 
 
 _clock = time.monotonic  # the study's time budget is measured on this (a test replaces it)
-
-
-class TrialDiverged(Exception):
-    """A trial whose training diverged: Optuna records it as FAIL (never as a NaN value) and the study goes on."""
-
-
-class InvalidCombination(Exception):
-    """A sampled combination that the recipe schema rejects."""
-
-
-@dataclass
-class TrialOutcome:
-    attrs: dict[str, Any]
-    values: list[float] | None  # objective values; None unless the run completed
-
-    @property
-    def status(self) -> str:
-        return str(self.attrs["status"])
-
-
-def config_id(values: Mapping[str, Any]) -> str:
-    """A short stable id of a configuration, ignoring the seed (so repeats of one config share it)."""
-    key = json.dumps({k: v for k, v in sorted(values.items()) if k != "train.seed"}, sort_keys=True, default=str)
-    return hashlib.sha1(key.encode()).hexdigest()[:10]
-
-
-def _metric(summary: RunSummary, metric: str) -> float | None:
-    ev = summary.eval or {}
-    table: dict[str, Any] = {
-        "nll": ev.get("nll"),
-        "nelbo": ev.get("nelbo"),
-        "train_nelbo": summary.train_nelbo,
-        "params": summary.params,
-        "step_time": summary.step_time_s,
-        "peak_memory": summary.peak_memory_mb,
-    }
-    value = table[metric]
-    return None if value is None else float(value)
-
-
-def outcome_from_summary(space: Space, summary: RunSummary, values: Mapping[str, Any], trial_s: float) -> TrialOutcome:
-    ev = summary.eval or {}
-    attrs = {
-        "status": summary.status,
-        "cause": summary.cause,
-        "diverged_step": summary.diverged_step,
-        "steps": summary.steps,
-        "grad_norm_max": summary.grad_norm_max,
-        "grad_norm_mean": summary.grad_norm_mean,
-        "loss_spikes": summary.loss_spikes,
-        "skipped_steps": summary.skipped_steps,
-        "active_groups": summary.active_groups,
-        "num_groups": summary.num_groups,
-        "params": summary.params,
-        "step_time": summary.step_time_s,
-        "peak_memory": summary.peak_memory_mb,
-        "train_nelbo": summary.train_nelbo,
-        "eval_nelbo": ev.get("nelbo"),
-        "eval_nll": ev.get("nll"),
-        "unit": summary.unit,
-        "train_s": summary.wall_s,
-        "trial_s": trial_s,
-        "run_dir": summary.out_dir,
-        "config_id": config_id(values),
-        "seed": values.get("train.seed"),
-        "values": json.dumps(values, default=str),
-    }
-    objective = None
-    if summary.status == "completed":
-        metrics = [_metric(summary, o.metric) for o in space.study.objectives]
-        if all(m is not None and math.isfinite(m) for m in metrics):
-            objective = [float(m) for m in metrics]  # type: ignore[arg-type]
-        else:
-            attrs.update(status="diverged", cause="non-finite objective at the end of the run")
-    return TrialOutcome({k: _jsonable(v) for k, v in attrs.items()}, objective)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def run_trial(
@@ -196,25 +89,6 @@ def storage_url(space: Space, study_dir: Path, override: str | None) -> str:
     return resolve_storage_url(space, study_dir, override)[0]
 
 
-def load_study(study_dir: str | Path) -> tuple[optuna.Study, Space, dict[str, Any]]:
-    """The Optuna study and the space behind a study directory (for `report` and resumes)."""
-    import optuna
-
-    root = Path(study_dir)
-    info_path = root / STUDY_FILE
-    if not info_path.is_file():
-        raise ConfigError(str(root), [("", f"not a study directory: {STUDY_FILE} is missing")])
-    info = read_json_mapping(info_path, required=("study_name", "space_file", "storage"))
-    space_file = Path(info["space_file"])
-    space = load_space(space_file if space_file.is_file() else root / "space.yaml")
-    try:
-        study = optuna.load_study(study_name=info["study_name"], storage=open_storage(info["storage"]))
-    except KeyError:  # Optuna's "Record does not exist"
-        problem = ("study_name", f"no study {info['study_name']!r} in the storage {info['storage']}")
-        raise ConfigError(str(info_path), [problem]) from None
-    return study, space, info
-
-
 def create_study(space: Space, url: str, storage: Any = None) -> optuna.Study:
     """Create or load the study; a storage that cannot be opened is a :class:`ConfigError` naming the URL."""
     import optuna
@@ -262,7 +136,7 @@ def recover_interrupted(study: optuna.Study, storage: Any, *, unowned_are_stale:
             continue
         try:
             storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+            storage.set_trial_user_attr(trial._trial_id, "status", TrialStatus.INTERRUPTED)
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker recovered it first, or its owner finished it after all
@@ -305,19 +179,19 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
         try:
             outcome = run_trial(space, values, run_dir, report)
         except InvalidCombination as err:
-            trial.set_user_attr("status", getattr(err, "status", "invalid"))  # or over_memory
+            trial.set_user_attr("status", getattr(err, "status", TrialStatus.INVALID))  # or over_memory
             trial.set_user_attr("cause", str(err))
             for key, value in getattr(err, "attrs", {}).items():
                 trial.set_user_attr(key, value)
             raise optuna.TrialPruned(f"invalid combination: {err}") from None
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)
-        if outcome.status == "diverged":
+        if outcome.status == TrialStatus.DIVERGED:
             raise TrialDiverged(
                 f"trial {trial.number} diverged at step {outcome.attrs['diverged_step']}: {outcome.attrs['cause']}"
             )
-        if outcome.status == "stopped":
-            trial.set_user_attr("status", "pruned")
+        if outcome.status == TrialStatus.STOPPED:
+            trial.set_user_attr("status", TrialStatus.PRUNED)
             raise optuna.TrialPruned()
         assert outcome.values is not None
         return outcome.values[0] if len(outcome.values) == 1 else outcome.values
@@ -377,13 +251,13 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optu
         state = optuna.trial.TrialState.FAIL
     except (KeyboardInterrupt, SystemExit):
         trial.set_user_attr("interrupted", True)
-        trial.set_user_attr("status", "interrupted")
+        trial.set_user_attr("status", TrialStatus.INTERRUPTED)
         study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         if trial.params and "retry_of" not in trial.user_attrs:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
         raise
     except Exception:
-        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("status", TrialStatus.FAILED)
         study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         raise
     study.tell(trial, values, state=state, skip_if_finished=True)
