@@ -249,7 +249,7 @@ def test_paper_recipe_matches_the_official_builder(rel: str, built: Callable[[st
     assert (facts.params, facts.convs, facts.batch_norms, facts.flow_cells) == PAPER_REFERENCE[rel]
 
 
-# docs/fidelity.md "Parameter counts" (the README links there): parameters, groups per scale (fine→coarse), convs, BN layers, paired flow cells.
+# docs/fidelity.md "Parameter counts": parameters, groups per scale (fine→coarse), convs, BN layers, paired flow cells.
 README_TABLE = {
     "paper/mnist": (33_363_134, [10, 5], 255, 214, 0),
     "paper/cifar10": (130_852_480, [30], 610, 364, 30),
