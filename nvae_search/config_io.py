@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .schema.ops import OPS
+
 # A YAML file may reuse anchors, but the tree it expands to must stay small: this bounds the
 # "billion laughs" style of file, whose aliases expand exponentially once the tree is walked.
 MAX_EXPANDED_NODES = 200_000
@@ -197,14 +199,11 @@ def pydantic_problems(errors: Iterable[dict[str, Any]]) -> list[tuple[str, str]]
     ]
 
 
-_OP_TAGS = {"res_bnswish", "res_bnswish5", "res_elu", "res_bnelu", "mbconv"}
-
-
 def _clean_location(loc: Sequence[Any]) -> list[str]:
     """Drop the branch names pydantic inserts into locations (union members, discriminator tags)."""
     parts = [str(part) for part in loc if not _is_union_tag(part)]
     # A discriminated op reports `cells.normal_enc.0.res_bnswish.kernel`; the tag is not part of the file's path.
-    return [p for i, p in enumerate(parts) if not (p in _OP_TAGS and i > 0 and parts[i - 1].isdigit())]
+    return [p for i, p in enumerate(parts) if not (p in OPS and i > 0 and parts[i - 1].isdigit())]
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -234,6 +233,19 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[int(last)] = value
     else:
         node[last] = value
+
+
+def get_dotted(tree: Any, parts: list[str]) -> Any:
+    """The value at ``parts`` (``["a", "b", "0"]``) in a nested dict/list tree, or None when there is none."""
+    node = tree
+    for part in parts:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -23,7 +23,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nvae_search"
 
-TORCH_FREE = {"nvae_search.schema", "nvae_search.config_io", "nvae_search.spaces"}
+TORCH_FREE = {
+    "nvae_search.config_io",
+    "nvae_search.spaces",
+    "nvae_search.schema",
+    *(f"nvae_search.schema.{m}" for m in ("cells", "ops", "recipe", "space_checks", "specs", "study")),
+}
 TORCH = ("torch", "torchvision")
 SEARCH_BACKENDS = ("optuna", "ray")
 CONFIG_MODULES = ("nvae_search.schema", "nvae_search.spaces")

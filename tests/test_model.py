@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from nvae_search.model.builder import build_model
+from nvae_search.model.builder import build_model, op_spec
 from nvae_search.model.distributions import DiscMixLogistic
 from nvae_search.model.flows import ARCell, PairedARCell
 from nvae_search.model.nvae import NVAE
 from nvae_search.model.ops import OP_TABLE, NormSpec, OpSpec, make_op
-from nvae_search.schema import ARCH_PRESETS, ModelConfig, load_recipe
+from nvae_search.schema import ARCH_PRESETS, OPS, MBConvOp, ModelConfig, ResOp, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,22 +79,33 @@ def test_every_preset_builds_and_trains(preset: str) -> None:
     assert_trains(build_model(cfg), batch_for(cfg))
 
 
-def op_spec_for(kind: str) -> OpSpec:
-    if kind == "mbconv":
-        return OpSpec(kind, kernel=5, expansion=3.0, groups=0)
-    dilation = 2 if kind == "res_bnswish5" else 1
-    activation = "elu" if kind in ("res_elu", "res_bnelu") else "swish"
-    return OpSpec(kind, kernel=3, dilation=dilation, activation=activation)
+def op_spec_for(name: str) -> OpSpec:
+    """The network spec of a recipe op, through the builder (so the op table's meaning of the name is used)."""
+    if OPS[name].kind == "inverted_residual":
+        return op_spec(MBConvOp(type=name, kernel=5, expansion=3.0, groups=0))
+    return op_spec(ResOp(type=name, kernel=3))
+
+
+def test_op_table_gives_the_official_meaning_of_each_op_name() -> None:
+    assert op_spec_for("res_bnswish") == OpSpec("act_conv", kernel=3, dilation=1, activation="swish")
+    assert op_spec_for("res_bnswish5") == OpSpec("act_conv", kernel=3, dilation=2, activation="swish")
+    assert op_spec_for("res_bnelu") == OpSpec("act_conv", kernel=3, dilation=1, activation="elu")
+    assert op_spec_for("res_elu") == OpSpec("act_conv", activation="elu", batch_norm=False, data_init=True)
+    assert op_spec_for("mbconv") == OpSpec("inverted_residual", kernel=5, expansion=3.0, groups=0)
+
+
+def test_every_op_kind_of_the_table_has_a_constructor() -> None:
+    assert {info.kind for info in OPS.values()} == set(OP_TABLE)
 
 
 # stride → (output channels, output side) for an 8-channel 8×8 input
 STRIDE_SHAPES = {1: (8, 8), 2: (16, 4), -1: (4, 16)}
 
 
-@pytest.mark.parametrize(("kind", "stride"), list(itertools.product(sorted(OP_TABLE), STRIDE_SHAPES)))
-def test_op_output_shape(kind: str, stride: int) -> None:
+@pytest.mark.parametrize(("name", "stride"), list(itertools.product(sorted(OPS), STRIDE_SHAPES)))
+def test_op_output_shape(name: str, stride: int) -> None:
     c_out, side = STRIDE_SHAPES[stride]
-    op = make_op(8, c_out, stride, op_spec_for(kind), NormSpec()).train()
+    op = make_op(8, c_out, stride, op_spec_for(name), NormSpec()).train()
     out = op(torch.randn(2, 8, 8, 8))
     assert out.shape == (2, c_out, side, side)
     assert torch.isfinite(out).all()
@@ -104,7 +115,7 @@ def test_op_output_shape(kind: str, stride: int) -> None:
 @pytest.mark.parametrize("side", [4, 16])  # below and above the size where the op switches to channels-last
 def test_eval_mode_inverted_residual_folds_batch_norm_without_changing_the_output(stride: int, side: int) -> None:
     c_out = STRIDE_SHAPES[stride][0]
-    op = make_op(8, c_out, stride, OpSpec(kind="mbconv", expansion=3, kernel=5), NormSpec())
+    op = make_op(8, c_out, stride, OpSpec(kind="inverted_residual", expansion=3, kernel=5), NormSpec())
     generator = torch.Generator().manual_seed(0)
     for module in op.modules():
         if isinstance(module, torch.nn.BatchNorm2d):  # trained-looking statistics and affine parameters

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from ..schema import CELL_ROLES, MBConvOp, ModelConfig, ResOp
+from ..schema import CELL_ROLES, OPS, MBConvOp, ModelConfig, ResOp
 from .nvae import NVAE, NVAEArch
 from .ops import NormSpec, OpSpec
 
-_ACTIVATION_OF_RES_OP = {"res_bnswish": "swish", "res_bnswish5": "swish", "res_elu": "elu", "res_bnelu": "elu"}
-
 
 def op_spec(op: ResOp | MBConvOp) -> OpSpec:
+    """The network's spec of one recipe op: what the op table says its name stands for, and the recipe's values."""
+    info = OPS[op.type]
     if isinstance(op, MBConvOp):
-        return OpSpec("mbconv", kernel=op.kernel, expansion=op.expansion, groups=op.groups, activation=op.activation)
-    return OpSpec(op.type, kernel=op.kernel, dilation=op.dilation, activation=_ACTIVATION_OF_RES_OP[op.type])
+        return OpSpec(info.kind, kernel=op.kernel, expansion=op.expansion, groups=op.groups, activation=op.activation)
+    return OpSpec(
+        info.kind,
+        kernel=op.kernel,
+        dilation=info.dilation,
+        activation=info.activation,
+        batch_norm=info.batch_norm,
+        data_init=info.data_init,
+    )
 
 
 def arch_from_config(cfg: ModelConfig) -> NVAEArch:

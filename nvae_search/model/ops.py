@@ -28,7 +28,8 @@ class NormSpec:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One op of a cell. ``kind`` is a key of :data:`OP_TABLE`."""
+    """One op of a cell. ``kind`` is a key of :data:`OP_TABLE`; ``batch_norm`` and ``data_init`` are read by
+    ``act_conv``, ``expansion`` and ``groups`` by ``inverted_residual``."""
 
     kind: str
     kernel: int = 3
@@ -36,6 +37,8 @@ class OpSpec:
     expansion: float = 1.0
     groups: int = 0
     activation: str = "swish"
+    batch_norm: bool = True
+    data_init: bool = False
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -171,19 +174,10 @@ def _upsample_nearest(x: torch.Tensor) -> torch.Tensor:
 class ActConv(nn.Module):
     """[BN →] activation → [nearest ×2 up] → conv: the ``res_*`` ops."""
 
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        stride: int,
-        spec: OpSpec,
-        norm: NormSpec,
-        use_bn: bool,
-        data_init: bool = False,
-    ) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, spec: OpSpec, norm: NormSpec) -> None:
         super().__init__()
         self.upsample = stride == -1
-        self.bn = batch_norm(c_in, norm) if use_bn else None
+        self.bn = batch_norm(c_in, norm) if spec.batch_norm else None
         self.activation = ACTIVATIONS[spec.activation]
         padding = spec.dilation * (spec.kernel - 1) // 2
         self.conv = Conv2D(
@@ -195,7 +189,7 @@ class ActConv(nn.Module):
             dilation=spec.dilation,
             bias=True,
             weight_norm=norm.weight_norm,
-            data_init=data_init,
+            data_init=spec.data_init,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,13 +281,10 @@ def _fold_bn_after(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tens
 
 OpFactory = Callable[[int, int, int, OpSpec, NormSpec], nn.Module]
 
-# The one table from an op name to the module that implements it.
+# An op kind (of the op table in ``schema/ops.py``, which the builder reads) to the module that implements it.
 OP_TABLE: dict[str, OpFactory] = {
-    "res_bnswish": lambda ci, co, s, spec, norm: ActConv(ci, co, s, spec, norm, use_bn=True),
-    "res_bnswish5": lambda ci, co, s, spec, norm: ActConv(ci, co, s, spec, norm, use_bn=True),
-    "res_bnelu": lambda ci, co, s, spec, norm: ActConv(ci, co, s, spec, norm, use_bn=True),
-    "res_elu": lambda ci, co, s, spec, norm: ActConv(ci, co, s, spec, norm, use_bn=False, data_init=True),
-    "mbconv": InvertedResidual,
+    "act_conv": ActConv,
+    "inverted_residual": InvertedResidual,
 }
 
 

@@ -1,4 +1,4 @@
-"""The recipe schema: one frozen, validated pydantic tree per YAML file.
+"""The recipe tree: one frozen, validated pydantic model per recipe file, and its loading.
 
 This module must import without torch (a layering test enforces it). Network code never sees these
 classes: ``nvae_search.model.builder`` is the only place where the schema meets torch.
@@ -7,15 +7,14 @@ classes: ``nvae_search.model.builder`` is the only place where the schema meets 
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .config_io import ConfigError, dump_yaml, pydantic_problems, read_yaml_file, set_dotted
+from ..config_io import ConfigError, dump_yaml, pydantic_problems, read_yaml_file, set_dotted
+from .cells import ARCH_PRESETS, CELL_ROLES, CellsConfig, MBConvOp, PresetName, Strict
 
 __all__ = [
-    "ARCH_PRESETS",
-    "CELL_ROLES",
     "PAPER_GLOBAL_BATCH",
     "PAPER_PROCESSES",
     "DataConfig",
@@ -31,176 +30,25 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ----------------------------------------------------------------------------------------------- ops
-ResOpName = Literal["res_bnswish", "res_bnswish5", "res_elu", "res_bnelu"]
-Activation = Literal["swish", "elu", "relu"]
-
-
-class ResOp(_Strict):
-    """A conv op with its own activation: ``res_bnswish`` = BN → Swish → conv (weight-normed)."""
-
-    type: ResOpName
-    kernel: int = Field(3, ge=1, le=15, description="Kernel size of the conv (odd).")
-
-    @field_validator("kernel")
-    @classmethod
-    def _odd(cls, k: int) -> int:
-        if k % 2 == 0:
-            raise ValueError(f"kernel must be odd, got {k}")
-        return k
-
-    @property
-    def dilation(self) -> int:
-        return 2 if self.type == "res_bnswish5" else 1
-
-
-class MBConvOp(_Strict):
-    """Inverted residual: BN → 1×1 expand → BN-act → k×k grouped conv → BN-act → 1×1 project → BN."""
-
-    type: Literal["mbconv"]
-    expansion: float = Field(6.0, gt=0, le=16, description="Hidden width = round(C_in × expansion).")
-    kernel: int = Field(5, ge=1, le=15, description="Kernel size of the grouped conv (odd).")
-    groups: int = Field(0, ge=0, description="Groups of the k×k conv; 0 = depthwise.")
-    activation: Activation = "swish"
-
-    @field_validator("kernel")
-    @classmethod
-    def _odd(cls, k: int) -> int:
-        if k % 2 == 0:
-            raise ValueError(f"kernel must be odd, got {k}")
-        return k
-
-
-Op = Annotated[ResOp | MBConvOp, Field(discriminator="type")]
-
-
-def _op_from_shorthand(value: Any) -> Any:
-    if isinstance(value, str):
-        if value == "mbconv":
-            return {"type": "mbconv"}
-        return {"type": value}
-    return value
-
-
-CELL_ROLES = (
-    "normal_pre",
-    "down_pre",
-    "normal_enc",
-    "down_enc",
-    "normal_dec",
-    "up_dec",
-    "normal_post",
-    "up_post",
-)
-
-_BNSWISH = {"type": "res_bnswish"}
-_BNSWISH5 = {"type": "res_bnswish5"}
-_E6K5 = {"type": "mbconv", "expansion": 6, "kernel": 5, "groups": 0}
-_E3K5 = {"type": "mbconv", "expansion": 3, "kernel": 5, "groups": 0}
-_E3K5G8 = {"type": "mbconv", "expansion": 3, "kernel": 5, "groups": 8}
-_E6K11 = {"type": "mbconv", "expansion": 6, "kernel": 11, "groups": 0}
-_E6K9 = {"type": "mbconv", "expansion": 6, "kernel": 9, "groups": 0}
-_E3K9 = {"type": "mbconv", "expansion": 3, "kernel": 9, "groups": 0}
-
-
-def _preset(
-    enc: list[dict[str, Any]], dec: list[dict[str, Any]], pre: list[dict[str, Any]], post: list[dict[str, Any]]
-) -> dict[str, list[dict[str, Any]]]:
-    return {
-        "normal_enc": enc,
-        "down_enc": enc,
-        "normal_pre": pre,
-        "down_pre": pre,
-        "normal_dec": dec,
-        "up_dec": dec,
-        "normal_post": post,
-        "up_post": post,
-    }
-
-
-def _uniform(op: str) -> dict[str, list[dict[str, Any]]]:
-    ops = [{"type": op}, {"type": op}]
-    return _preset(ops, ops, ops, ops)
-
-
-# The official `arch_instance` table, expressed as op lists per cell role.
-ARCH_PRESETS: dict[str, dict[str, list[dict[str, Any]]]] = {
-    "res_mbconv": _preset([_BNSWISH, _BNSWISH], [_E6K5], [_BNSWISH, _BNSWISH], [_E3K5]),
-    "res_elu": _uniform("res_elu"),
-    "res_bnelu": _uniform("res_bnelu"),
-    "res_bnswish": _uniform("res_bnswish"),
-    "mbconv_sep": _preset([_E6K5], [_E6K5], [_E3K5], [_E3K5]),
-    "mbconv_sep11": _preset([_E6K11], [_E6K11], [_E3K5], [_E3K5]),
-    "res53_mbconv": _preset([_BNSWISH5, _BNSWISH], [_E6K5], [_BNSWISH5, _BNSWISH], [_E3K5]),
-    "res35_mbconv": _preset([_BNSWISH, _BNSWISH5], [_E6K5], [_BNSWISH, _BNSWISH5], [_E3K5]),
-    "res55_mbconv": _preset([_BNSWISH5, _BNSWISH5], [_E6K5], [_BNSWISH5, _BNSWISH5], [_E3K5]),
-    "mbconv_res": _preset([_E6K5], [_BNSWISH, _BNSWISH], [_E3K5], [_BNSWISH, _BNSWISH]),
-    "mbconv_den": _preset([_E6K5], [_E6K5], [_E3K5G8], [_E3K5G8]),
-    # Broken in the official code (its k9 ops are missing from OPS); here the ops exist, so it works.
-    "res_mbconv9": _preset([_BNSWISH, _BNSWISH], [_E6K9], [_BNSWISH, _BNSWISH], [_E3K9]),
-}
-PresetName = Literal[
-    "res_mbconv",
-    "res_elu",
-    "res_bnelu",
-    "res_bnswish",
-    "mbconv_sep",
-    "mbconv_sep11",
-    "res53_mbconv",
-    "res35_mbconv",
-    "res55_mbconv",
-    "mbconv_res",
-    "mbconv_den",
-    "res_mbconv9",
-]
-
-
-OpList = Annotated[tuple[Op, ...], Field(min_length=1)]
-
-
-class CellsConfig(_Strict):
-    """The op list of each of the 8 cell roles. After validation every role is filled in."""
-
-    normal_pre: OpList
-    down_pre: OpList
-    normal_enc: OpList
-    down_enc: OpList
-    normal_dec: OpList
-    up_dec: OpList
-    normal_post: OpList
-    up_post: OpList
-
-    @field_validator(*CELL_ROLES, mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [_op_from_shorthand(v) for v in value]
-        return value
-
-
 # --------------------------------------------------------------------------------------- sub-configs
-class BatchNormConfig(_Strict):
+class BatchNormConfig(Strict):
     momentum: float = Field(0.05, gt=0, le=1, description="Running-statistics momentum (PyTorch convention).")
     eps: float = Field(1e-5, gt=0)
 
 
-class NormConfig(_Strict):
+class NormConfig(Strict):
     batch_norm: BatchNormConfig = BatchNormConfig()
     weight_norm: bool = Field(True, description="Weight normalisation (with a log-scale) on every non-MBConv conv.")
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     distribution: Literal["bernoulli", "dmol", "normal"] = "bernoulli"
     num_mixtures: int = Field(10, ge=1, le=100, description="Mixture components of the discretized logistic mixture.")
     num_x_bits: int = Field(8, ge=1, le=8, description="Bit depth of the data (5 for CelebA-HQ / FFHQ).")
     crop: int = Field(0, ge=0, description="Pixels cropped on each side before the likelihood (2 for MNIST 28→32).")
 
 
-class LossConfig(_Strict):
+class LossConfig(Strict):
     kl_anneal_portion: float = Field(0.3, ge=0, le=1, description="Fraction of training over which β rises to 1.")
     kl_const_portion: float = Field(1e-4, ge=0, le=1, description="Fraction of training held at kl_const_coeff.")
     kl_const_coeff: float = Field(1e-4, ge=0, le=1)
@@ -213,7 +61,7 @@ class LossConfig(_Strict):
     bn_regularization: bool = Field(True, description="Add λ·Σ max|γ| over affine BN layers.")
 
 
-class NumericsConfig(_Strict):
+class NumericsConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "fp32", description="auto = the official setting: fp16 with a gradient scaler (2^10) on CUDA, fp32 on CPU."
     )
@@ -227,7 +75,7 @@ class NumericsConfig(_Strict):
 
 
 # --------------------------------------------------------------------------------------------- model
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Everything that shapes the network or its loss. Names follow the official flags where one exists."""
 
     resolution: int = Field(32, ge=4, le=1024, description="Input height and width (square).")
@@ -390,7 +238,7 @@ class ModelConfig(_Strict):
 DatasetName = Literal["mnist", "binarized_mnist", "idx", "cifar10", "image_folder"]
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     dataset: DatasetName = Field("mnist", description="mnist = the embedded, dynamically binarised MNIST.")
     root: str | None = Field(None, description="Folder holding the files; null = the embedded copy (mnist only).")
     binarize: Literal["dynamic", "none"] = Field("dynamic", description="For grey-level data: Bernoulli draw per load.")
@@ -434,7 +282,7 @@ class DataConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------------- train / eval
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     seed: int = 1
     batch_size: int = Field(200, ge=1, description="Per process; the global batch is batch_size × world size.")
     global_batch_size: int | None = Field(
@@ -539,7 +387,7 @@ def paper_batch_warning(recipe: Recipe, world: int) -> str | None:
     )
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     """Where runs are tracked besides their run directory (also ``--track`` on the command line)."""
 
     backend: Literal["none", "mlflow", "wandb"] = "none"
@@ -549,7 +397,7 @@ class TrackingConfig(_Strict):
     project: str | None = Field(None, description="MLflow experiment or W&B project (default: the study name).")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     iw_samples: int = Field(1000, ge=1, description="Importance samples for the NLL.")
     batch_size: int = Field(16, ge=1, description="Images per batch during evaluation.")
     chunk: int = Field(64, ge=1, description="Importance samples per forward pass (memory bound).")
@@ -559,7 +407,7 @@ class EvalConfig(_Strict):
     num_samples: int = Field(64, ge=1)
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str = Field("nvae", description="A short name for runs made from this recipe.")
     description: str = ""
     data: DataConfig = DataConfig()
@@ -600,7 +448,7 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
 
 def _with_suggestions(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Unknown keys get the closest recipe fields, from the helper that space files use."""
-    from .spaces import recipe_path_suggestions  # spaces imports this module
+    from .space_checks import recipe_path_suggestions  # space_checks imports this module
 
     out = []
     for path, reason in problems:
