@@ -1,11 +1,12 @@
 """Declarative NVAE (Vahdat & Kautz, 2020) built from YAML recipes.
 
-Public API::
+Public API, for notebooks and scripts::
 
-    from nvae_search import load_recipe, build_model, train, evaluate
+    from nvae_search import load_recipe, build_model, train, evaluate, load_run, sample
+    from nvae_search import load_space, search, report
 
-``import nvae_search`` does not import torch: ``Recipe`` and ``load_recipe`` come from the torch-free schema,
-and ``build_model``, ``train`` and ``evaluate`` are imported on first use.
+``import nvae_search`` does not import torch: ``Recipe``, ``load_recipe``, ``Space`` and ``load_space`` come from the
+torch-free schema, and the others are imported on first use.
 """
 
 from __future__ import annotations
@@ -16,14 +17,31 @@ import types
 from typing import Any
 
 from .schema import Recipe, load_recipe
+from .spaces import Space, load_space
 
-__all__ = ["Recipe", "build_model", "evaluate", "load_recipe", "train"]
+__all__ = [
+    "Recipe",
+    "Space",
+    "build_model",
+    "evaluate",
+    "load_recipe",
+    "load_run",
+    "load_space",
+    "report",
+    "sample",
+    "search",
+    "train",
+]
 
 # public name → (module, attribute), imported on first access
 _LAZY: dict[str, tuple[str, str]] = {
     "build_model": ("nvae_search.model.builder", "build_model"),
     "train": ("nvae_search.train", "train"),
     "evaluate": ("nvae_search.evaluate", "evaluate"),
+    "load_run": ("nvae_search.runs", "load_run"),
+    "sample": ("nvae_search.runs", "sample"),
+    "search": ("nvae_search.search.api", "search"),
+    "report": ("nvae_search.search.report", "build_report"),
 }
 
 

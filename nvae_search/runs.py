@@ -106,17 +106,16 @@ def readjust_batch_norm(model: NVAE, steps: int, temperature: float, batch: int 
     model.eval()
 
 
-def sample_run(
+def sample(
     run: LoadedRun,
     *,
     n: int | None = None,
     temperature: float | None = None,
     readjust_bn: int | None = None,
-    out: str | os.PathLike[str] | None = None,
     seed: int | None = None,
     scale_pixels: bool = False,
-) -> Path:
-    """Write an n-image PNG grid drawn at this temperature and return its path.
+) -> torch.Tensor:
+    """Draw n images (N, C, H, W) in [0, 1] from a loaded run at this temperature.
 
     Unset options come from the recipe's ``eval`` section (num_samples, temperature, readjust_bn_steps). Pixels are
     drawn at temperature 1 (the paper's sampling script) unless ``scale_pixels`` also applies t to them.
@@ -130,7 +129,22 @@ def sample_run(
     if readjust_bn:
         readjust_batch_norm(run.model, readjust_bn, temperature)
     pixel_temperature = temperature if scale_pixels else 1.0
-    images = run.model.sample(n, temperature, run.device, pixel_temperature=pixel_temperature)
-    path = Path(out) if out else run.run_dir / f"samples_t{temperature:g}_step{run.step}.png"
+    return run.model.sample(n, temperature, run.device, pixel_temperature=pixel_temperature)
+
+
+def sample_run(
+    run: LoadedRun,
+    *,
+    n: int | None = None,
+    temperature: float | None = None,
+    readjust_bn: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+    scale_pixels: bool = False,
+) -> Path:
+    """Write an n-image PNG grid drawn by :func:`sample` and return its path."""
+    images = sample(run, n=n, temperature=temperature, readjust_bn=readjust_bn, seed=seed, scale_pixels=scale_pixels)
+    t = run.recipe.eval.temperature if temperature is None else temperature
+    path = Path(out) if out else run.run_dir / f"samples_t{t:g}_step{run.step}.png"
     save_png(make_grid(images), path)
     return path
