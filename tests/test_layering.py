@@ -272,7 +272,8 @@ def test_public_api_is_lazy() -> None:
     code = (
         "import sys, nvae_search\n"
         "assert 'torch' not in sys.modules\n"
-        "assert set(nvae_search.__all__) == {'Recipe', 'build_model', 'evaluate', 'load_recipe', 'train'}\n"
+        "assert set(nvae_search.__all__) == {'Recipe', 'Space', 'build_model', 'evaluate', 'load_recipe', 'load_run',"
+        " 'load_space', 'report', 'sample', 'search', 'train'}\n"
         "from nvae_search.model.builder import build_model\n"
         "assert nvae_search.build_model is build_model\n"
     )
