@@ -9,6 +9,20 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Recipe overrides under which one process at batch 2B and two data-parallel ranks at batch B log the same losses:
+# no batch norm (res_elu cells, no SE), β = 1 from the start (no per-rank KL balancing), no LR warm-up, no dynamic
+# binarisation (another per-rank random draw), a log line every step, no end-of-run evaluation.
+DATA_PARALLEL_EQUIVALENCE: dict[str, object] = {
+    "train.progress": False,
+    "model.preset": "res_elu",
+    "model.use_se": False,
+    "model.loss.kl_anneal_portion": 0.0,
+    "train.warmup_epochs": 0,
+    "data.binarize": "none",
+    "train.log_every": 1,
+    "train.eval_at_end": False,
+}
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import DATA_PARALLEL_EQUIVALENCE
 
 from nvae_search.checkpoint import load_checkpoint
 from nvae_search.distributed import train_data_parallel
@@ -41,23 +42,10 @@ def no_latent_noise(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def recipe(batch_size: int, **overrides: Any) -> Any:
-    """Tiny without batch norm (res_elu cells, no SE), β = 1 from the start (so no per-rank KL balancing), no LR
-    warm-up, no dynamic binarization (another per-rank random draw), a log line every step."""
+    """Tiny under the data-parallel equivalence overrides (see conftest), STEPS steps at this per-process batch."""
     return load_recipe(
         TINY,
-        overrides={
-            "train.progress": False,
-            "model.preset": "res_elu",
-            "model.use_se": False,
-            "model.loss.kl_anneal_portion": 0.0,
-            "train.warmup_epochs": 0,
-            "data.binarize": "none",
-            "train.steps": STEPS,
-            "train.log_every": 1,
-            "train.eval_at_end": False,
-            "train.batch_size": batch_size,
-            **overrides,
-        },
+        overrides={**DATA_PARALLEL_EQUIVALENCE, "train.steps": STEPS, "train.batch_size": batch_size, **overrides},
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import DATA_PARALLEL_EQUIVALENCE
 
 from nvae_search.distributed import free_port
 from nvae_search.schema import dump_recipe, load_recipe
@@ -30,23 +31,11 @@ def no_latent_noise(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def recipe(**overrides: Any) -> Any:
-    """As the --workers equivalence test: no batch norm, β = 1, no warm-up, no binarisation noise; a global batch of
-    8 that each of 2 ranks takes half of."""
+    """As the --workers equivalence test (conftest's overrides): a global batch of 8 that each of 2 ranks takes half
+    of."""
     return load_recipe(
         TINY,
-        overrides={
-            "train.progress": False,
-            "model.preset": "res_elu",
-            "model.use_se": False,
-            "model.loss.kl_anneal_portion": 0.0,
-            "train.warmup_epochs": 0,
-            "data.binarize": "none",
-            "train.steps": STEPS,
-            "train.log_every": 1,
-            "train.eval_at_end": False,
-            "train.global_batch_size": 8,
-            **overrides,
-        },
+        overrides={**DATA_PARALLEL_EQUIVALENCE, "train.steps": STEPS, "train.global_batch_size": 8, **overrides},
     )
 
 
