@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..spaces import Space
 from ..status import TrialStatus
-from .plots import COLOURS, axis_label, legend_below_title, log_ticks, plot_outcomes, wide_range
+from .plots import COLOURS, axis_label, legend_below_title, log_ticks, no_completed_trials, plot_outcomes, wide_range
 from .report_rows import RUN_STATUSES, Run, finite, fmt_num, fmt_value
 
 if TYPE_CHECKING:
@@ -205,17 +205,7 @@ def plot_params(
         top.set_ylabel(axis_label(objective.metric, unit), fontsize=8)
         top.tick_params(axis="y", labelsize=8)
         if not done:
-            top.set_yticks([])
-            top.text(
-                0.5,
-                0.45,
-                "no completed trials",
-                transform=top.transAxes,
-                ha="center",
-                va="center",
-                color="#666666",
-                fontsize=9,
-            )
+            no_completed_trials(top, fontsize=9)
     fig.suptitle(f"{title}: {objective.metric} per parameter value (top) and divergence rate (bottom)", fontsize=11)
     legend_below_title(fig, tops)
     fig.savefig(path, dpi=100)

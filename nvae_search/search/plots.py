@@ -81,6 +81,22 @@ def log_ticks(ax: Axes, axis: str = "x") -> None:
     target.set_minor_formatter(NullFormatter())
 
 
+def no_completed_trials(ax: Any, *, fontsize: float = 10, y: float = 0.45, keep_ticks: bool = False) -> None:
+    """Say so on an objective axis that has no completed trial to show."""
+    if not keep_ticks:
+        ax.set_yticks([])
+    ax.text(
+        0.5,
+        y,
+        "no completed trials",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        color="#666666",
+        fontsize=fontsize,
+    )
+
+
 def legend_below_title(fig: Any, axes: Iterable[Axes]) -> None:
     """One figure legend for all axes, at the bottom of the figure (never over the data)."""
     handles: dict[str, Any] = {}
@@ -145,17 +161,7 @@ def plot_history(path: Path, runs: Sequence[Run], space: Space, unit: str, title
             ax.set_yscale("log")
             log_ticks(ax, "y")
         if not done:
-            ax.set_yticks([])
-            ax.text(
-                0.5,
-                0.45,
-                "no completed trials",
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                color="#666666",
-                fontsize=11,
-            )
+            no_completed_trials(ax, fontsize=11)
         _diverged_marks(ax, diverged)
         ax.set_ylabel(axis_label(objective.metric, unit, objective.direction), fontsize=9)
         ax.grid(alpha=0.3)
@@ -199,7 +205,7 @@ def plot_pareto(path: Path, study: optuna.Study, runs: Sequence[Run], space: Spa
         for x, y, t in front:
             ax.annotate(f"#{t}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
     if not done:
-        ax.text(0.5, 0.5, "no completed trials", transform=ax.transAxes, ha="center", va="center", color="#666666")
+        no_completed_trials(ax, y=0.5, keep_ticks=True)
     if wide_range(x for _t, x, _y in done):
         ax.set_xscale("log")
         log_ticks(ax, "x")
