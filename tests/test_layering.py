@@ -147,6 +147,7 @@ FLOORS: dict[str, int] = {
     "nvae_search.evaluate": 2,
     # 3: training, run directories, profiling, memory, tracking
     "nvae_search.train": 3,
+    "nvae_search.training": 3,
     "nvae_search.distributed": 3,
     "nvae_search.runs": 3,
     "nvae_search.outputs": 3,
