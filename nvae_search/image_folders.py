@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,17 @@ def image_folder_files(root: Path, split: Split, valid_fraction: float) -> list[
     return files[:-held_out] if split == "train" else files[-held_out:]
 
 
+@dataclass(frozen=True)
+class _Decoding:
+    """How every image of a folder is decoded: PIL mode, center crop, crop box, output side and resize filter."""
+
+    mode: str
+    crop: int | None
+    resolution: int
+    box: CropBox | None
+    resample: Image.Resampling
+
+
 def decode_images(
     files: Sequence[Path],
     *,
@@ -64,21 +76,15 @@ def decode_images(
     mode = _PIL_MODES.get(channels)
     if mode is None:
         raise DataError(f"image folder: images can be decoded to 1, 3 or 4 channels, not {channels}")
+    how = _Decoding(mode, crop, resolution, box, resample)
     out = np.empty((len(files), channels, resolution, resolution), np.uint8)
     for i, path in enumerate(files):
-        out[i] = _decode_image(path, mode=mode, crop=crop, resolution=resolution, box=box, resample=resample)
+        out[i] = _decode_image(path, how)
     return out
 
 
-def _decode_image(
-    path: Path,
-    *,
-    mode: str,
-    crop: int | None,
-    resolution: int,
-    box: CropBox | None = None,
-    resample: Image.Resampling = Image.Resampling.BICUBIC,
-) -> np.ndarray:
+def _decode_image(path: Path, how: _Decoding) -> np.ndarray:
+    mode, crop, resolution, box = how.mode, how.crop, how.resolution, how.box
     try:
         with Image.open(path) as src:
             img = src.convert(mode)
@@ -96,7 +102,7 @@ def _decode_image(
         # Pillow widens the kernel by the reduction factor, so either filter antialiases a downscale. BICUBIC (the
         # default) is sharper and rings less than LANCZOS on hard edges; BILINEAR is torchvision Resize's default,
         # which the official CelebA 64 loader uses.
-        img = img.resize((resolution, resolution), resample)
+        img = img.resize((resolution, resolution), how.resample)
     pixels = np.asarray(img, np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
