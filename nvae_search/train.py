@@ -127,6 +127,7 @@ class Trainer(CheckpointState, OptimizerStep, RunLogging):
         self.recipe, self.out_dir, self.device, self.reporter = recipe, out_dir, device, reporter
         self.cfg = recipe.train
         self.ranks = Ranks.current(device)
+        # Plain copies: the data order, the warnings and callers (bench, tests' patched steps) read them.
         self.world, self.rank, self.main = self.ranks.world, self.ranks.rank, self.ranks.main
         seed_everything(self.cfg.seed)
         self.model: NVAE = build_model(recipe.model).to(device)
