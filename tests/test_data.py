@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from nvae_search import data
 from nvae_search.data import DataError, build_dataset, needs_binarize, prepare_batch
+from nvae_search.image_folders import image_folder_files
 from nvae_search.schema import DataConfig
 
 
@@ -122,8 +123,8 @@ def test_shared_binarized_mnist() -> None:
 
 @needs_shared_celeba
 def test_shared_celeba_split_sizes() -> None:
-    train = data._image_folder_files(CELEBA, "train", 0.1)
-    test = data._image_folder_files(CELEBA, "test", 0.1)
+    train = image_folder_files(CELEBA, "train", 0.1)
+    test = image_folder_files(CELEBA, "test", 0.1)
     assert (len(train), len(test)) == (9000, 1000)
     assert train[-1] < test[0] and not set(train) & set(test)
 

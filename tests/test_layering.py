@@ -140,6 +140,8 @@ FLOORS: dict[str, int] = {
     "nvae_search.model": 2,
     "nvae_search.model.builder": 2,
     "nvae_search.data": 2,
+    "nvae_search.data_formats": 2,
+    "nvae_search.image_folders": 2,
     "nvae_search.images": 2,
     "nvae_search.objectives": 2,
     "nvae_search.telemetry": 2,
@@ -147,6 +149,7 @@ FLOORS: dict[str, int] = {
     "nvae_search.evaluate": 2,
     # 3: training, run directories, profiling, memory, tracking
     "nvae_search.train": 3,
+    "nvae_search.training": 3,
     "nvae_search.distributed": 3,
     "nvae_search.runs": 3,
     "nvae_search.outputs": 3,

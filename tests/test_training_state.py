@@ -1,0 +1,34 @@
+"""The trainer's checkpoint state (nvae_search/training/state.py) carries what the recipe cannot recompute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nvae_search.schema import load_recipe
+from nvae_search.train import Trainer
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "cpu" / "tiny.yaml"
+MINUTES_ONLY = {
+    "train.steps": None,
+    "train.minutes": 1.0,
+    "train.progress": False,
+    "train.eval_at_end": False,
+    "train.cosine_per": "step",
+}
+
+
+def test_a_resumed_minutes_budget_keeps_its_planned_step_count(tmp_path: Path) -> None:
+    """A minutes-only budget is planned from the measured step time, so the recipe cannot give the step count
+    again: the checkpoint does, and the cosine schedule and KL warm-up of the resumed run follow that plan."""
+    recipe = load_recipe(TINY, overrides=MINUTES_ONLY)
+    first = Trainer(recipe, tmp_path / "first", torch.device("cpu"), None)
+    assert first.total_steps == 0  # not planned before the first steps are timed
+    first.budget.set_total_steps(37)
+    first.step, first.elapsed, first.step_times = 12, 3.5, [0.25] * 12
+    resumed = Trainer(recipe, tmp_path / "resumed", torch.device("cpu"), None)
+    resumed.load_state_dict(first.state_dict())
+    assert (resumed.step, resumed.total_steps, resumed.elapsed) == (12, 37, 3.5)
+    assert resumed.budget.schedule.total_steps == 37
+    assert resumed.budget.schedule.factor(30) == first.budget.schedule.factor(30) < 1.0
