@@ -216,9 +216,9 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from nvae_search.spaces import load_space
 from nvae_search.search import ray_backend
+from nvae_search.search.ray_searcher import StudyBridge as searcher
 
 kill_at = int(os.environ.get("NVAE_TEST_KILL_DRIVER_AT_STEP", "0"))
-searcher = ray_backend._searcher_class()
 real_on_trial_result = searcher.on_trial_result
 
 
