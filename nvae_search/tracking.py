@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .status import TrialStatus
+
 if TYPE_CHECKING:
     import optuna
 
@@ -35,8 +37,25 @@ TRACKING_FILE = "tracking.json"  # in a study directory: the parent run to reuse
 DEFAULT_MLFLOW_DB = "mlflow.db"
 DEFAULT_MLFLOW_ARTIFACTS = "mlartifacts"
 DEFAULT_PROJECT = "nvae-search"
-# run status in summary.json → MLflow run status
-MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FAILED", "stopped": "KILLED"}
+# A run's or trial's status → MLflow run status (FINISHED, FAILED or KILLED; W&B: exit code 1 for FAILED, else 0).
+# Ended on purpose (pruned, stopped, rejected untrained, cut off by a kill) is KILLED; a status missing here (one
+# added to TrialStatus later) is FAILED, as is a string that is no status at all.
+MLFLOW_STATUS: dict[TrialStatus, str] = {
+    TrialStatus.COMPLETED: "FINISHED",
+    TrialStatus.PRUNED: "KILLED",
+    TrialStatus.STOPPED: "KILLED",
+    TrialStatus.INVALID: "KILLED",
+    TrialStatus.OVER_MEMORY: "KILLED",
+    TrialStatus.INTERRUPTED: "KILLED",
+    TrialStatus.RUNNING: "RUNNING",
+    TrialStatus.WAITING: "SCHEDULED",
+    TrialStatus.DIVERGED: "FAILED",
+    TrialStatus.FAILED: "FAILED",
+    TrialStatus.ERROR: "FAILED",
+}
+DEFAULT_MLFLOW_STATUS = "FAILED"
+# No sample grid for a run whose weights are not worth sampling, or that never trained.
+NO_SAMPLES = frozenset({TrialStatus.DIVERGED, TrialStatus.INVALID, TrialStatus.OVER_MEMORY})
 FINAL_KEYS = ("train_nelbo", "steps", "grad_norm_max", "loss_spikes", "skipped_steps", "active_groups", "params")
 SAMPLE_GRID_IMAGES = 16
 EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
@@ -116,6 +135,18 @@ def flat_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def as_status(value: Any, default: TrialStatus = TrialStatus.FAILED) -> TrialStatus:
+    """The :class:`TrialStatus` a summary or user attribute holds; ``default`` for none or an unknown string."""
+    try:
+        return TrialStatus(str(value))
+    except ValueError:
+        return default
+
+
+def mlflow_status(status: TrialStatus) -> str:
+    return MLFLOW_STATUS.get(status, DEFAULT_MLFLOW_STATUS)
+
+
 def _require(backend: str) -> Any:
     module, extra = EXTRAS[backend]
     try:
@@ -190,12 +221,12 @@ class MlflowRun:
 
     def finish(self, run_dir: Path, summary: Mapping[str, Any] | None) -> None:
         summary = summary or _read_summary(run_dir) or {}
-        status = str(summary.get("status", "failed"))
+        status = as_status(summary.get("status"))
         self.mlflow.log_metrics(final_metrics(summary))
         self.mlflow.set_tags({"status": status, "cause": str(summary.get("cause"))})
-        for path in _artifacts(run_dir, with_samples=status != "diverged"):
+        for path in _artifacts(run_dir, with_samples=status not in NO_SAMPLES):
             self.mlflow.log_artifact(str(path))
-        self.mlflow.end_run(status=MLFLOW_STATUS.get(status, "FAILED"))
+        self.mlflow.end_run(status=mlflow_status(status))
 
 
 class MlflowStudy:
@@ -237,19 +268,22 @@ class MlflowStudy:
                 experiment_id=self.experiment.experiment_id,
                 tags={"optuna.study": self.space.study.name, "optuna.trial": str(trial.number)},
             )
-            status = "FAILED"
+            status = TrialStatus.FAILED  # the objective raised before it recorded a status
             try:
                 with sending_steps_to(self):
                     result = objective(trial)
                 self._log_values(result)
-                status = "FINISHED"
+                status = TrialStatus.COMPLETED
                 return result
             except optuna.TrialPruned:
-                status = "KILLED"
+                status = as_status(trial.user_attrs.get("status"), default=TrialStatus.PRUNED)
+                raise
+            except Exception:
+                status = as_status(trial.user_attrs.get("status"))
                 raise
             finally:
                 self._log_trial(trial)
-                self.mlflow.end_run(status=status)
+                self.mlflow.end_run(status=mlflow_status(status))
 
         return tracked
 
@@ -267,7 +301,7 @@ class MlflowStudy:
         if summary is None:
             return  # an invalid combination never trained
         self.mlflow.log_metrics(final_metrics(summary))
-        for path in _artifacts(run_dir, with_samples=summary.get("status") != "diverged"):
+        for path in _artifacts(run_dir, with_samples=as_status(summary.get("status")) not in NO_SAMPLES):
             self.mlflow.log_artifact(str(path))
 
     def callbacks(self) -> list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]]:
@@ -297,15 +331,15 @@ class WandbRun:
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
         self.run.log(scalar_metrics(metrics), step=step)
 
-    def finish(self, run_dir: Path, summary: Mapping[str, Any] | None, state: str | None = None) -> None:
+    def finish(self, run_dir: Path, summary: Mapping[str, Any] | None, state: TrialStatus | None = None) -> None:
         summary = summary or _read_summary(run_dir) or {}
-        status = state or str(summary.get("status", "failed"))
-        self.run.summary.update({**final_metrics(summary), "status": status, "cause": summary.get("cause")})
-        for path in _artifacts(run_dir, with_samples=status not in ("diverged", "invalid")):
+        status = state or as_status(summary.get("status"))
+        self.run.summary.update({**final_metrics(summary), "status": str(status), "cause": summary.get("cause")})
+        for path in _artifacts(run_dir, with_samples=status not in NO_SAMPLES):
             if path.suffix == ".png":
                 self.run.log({"samples": self.wandb.Image(str(path))})
             self.run.save(str(path), base_path=str(run_dir), policy="now")
-        self.run.finish(exit_code=0 if status in ("completed", "pruned", "stopped", "invalid") else 1)
+        self.run.finish(exit_code=1 if mlflow_status(status) == "FAILED" else 0)
 
 
 class WandbStudy:
@@ -328,16 +362,17 @@ class WandbStudy:
                 group=self.space.study.name,
                 job_type="trial",
             )
-            state = "failed"
+            state = TrialStatus.FAILED
             try:
                 with sending_steps_to(run):
                     result = objective(trial)
                 run.run.config.update(trial.params)
-                state = "completed"
+                state = TrialStatus.COMPLETED
                 return result
             except BaseException as exc:
                 run.run.config.update(trial.params)
-                state = str(trial.user_attrs.get("status") or type(exc).__name__)
+                cut_off = isinstance(exc, (KeyboardInterrupt, SystemExit))
+                state = as_status(trial.user_attrs.get("status"), TrialStatus.INTERRUPTED if cut_off else state)
                 raise
             finally:
                 run.finish(run_dir, _read_summary(run_dir), state)
@@ -410,4 +445,4 @@ def tracked_run(cfg: TrackingConfig | None, recipe: Recipe, run_dir: Path) -> It
             yield finish
         finally:
             if not done:
-                tracker.finish(run_dir, {"status": "failed"})
+                tracker.finish(run_dir, {"status": TrialStatus.FAILED})

@@ -183,3 +183,21 @@ def test_search_is_a_wandb_group_with_a_run_per_trial_offline(wandb_offline: Pat
     assert good["group"] == bad["group"] == "tracked-wandb"
     assert good["exit"] == 0 and good["steps"] == [1, 3, 6] and good["summary"]["status"] == '"completed"'
     assert bad["exit"] == 1 and bad["summary"]["status"] == '"diverged"'
+
+
+def test_every_trial_status_maps_to_an_mlflow_status_and_unknown_ones_fail() -> None:
+    from nvae_search.status import TrialStatus
+    from nvae_search.tracking import MLFLOW_STATUS, as_status, mlflow_status
+
+    assert all(isinstance(key, TrialStatus) for key in MLFLOW_STATUS)  # keyed by the enum, not by bare strings
+    assert {mlflow_status(s) for s in TrialStatus} <= {"FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED"}
+    assert [mlflow_status(as_status(s)) for s in ("completed", "diverged", "pruned", "stopped", "invalid")] == [
+        "FINISHED",
+        "FAILED",
+        "KILLED",
+        "KILLED",
+        "KILLED",
+    ]
+    # A status this version does not know (a newer summary.json) or none at all: the run failed.
+    assert as_status("some_new_status") is TrialStatus.FAILED and as_status(None) is TrialStatus.FAILED
+    assert mlflow_status(as_status("some_new_status")) == "FAILED"
