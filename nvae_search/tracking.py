@@ -82,6 +82,9 @@ class StudyTracker(Protocol):
 
     def callbacks(self) -> list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]]: ...
 
+    def log_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Track a trial that trained in another process (a Ray worker), once it has ended."""
+
     def close(self) -> None: ...
 
 
@@ -182,6 +185,21 @@ def _read_summary(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _run_dir(trial: optuna.trial.FrozenTrial) -> Path | None:
+    recorded = trial.user_attrs.get("run_dir")
+    return Path(str(recorded)) if recorded else None
+
+
+def _logged_steps(run_dir: Path | None) -> list[dict[str, Any]]:
+    """The log lines of a run directory's ``metrics.jsonl`` (for a trial that trained in another process)."""
+    from .config_io import read_jsonl
+
+    path = None if run_dir is None else run_dir / "metrics.jsonl"
+    if path is None or not path.is_file():
+        return []
+    return [row for row in read_jsonl(path) if isinstance(row.get("step"), int)]
+
+
 # ------------------------------------------------------------------------------------------------ MLflow
 def mlflow_uri(cfg: TrackingConfig, base: Path) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else a local SQLite store ``mlflow.db`` in ``base``."""
@@ -262,12 +280,7 @@ class MlflowStudy:
         import optuna
 
         def tracked(trial: optuna.Trial) -> Any:
-            self.mlflow.start_run(
-                run_name=f"{self.space.study.name}-{trial.number:04d}",
-                nested=True,
-                experiment_id=self.experiment.experiment_id,
-                tags={"optuna.study": self.space.study.name, "optuna.trial": str(trial.number)},
-            )
+            self._start_child(trial.number)
             status = TrialStatus.FAILED  # the objective raised before it recorded a status
             try:
                 with sending_steps_to(self):
@@ -287,12 +300,33 @@ class MlflowStudy:
 
         return tracked
 
+    def _start_child(self, number: int) -> None:
+        self.mlflow.start_run(
+            run_name=f"{self.space.study.name}-{number:04d}",
+            nested=True,
+            experiment_id=self.experiment.experiment_id,
+            tags={"optuna.study": self.space.study.name, "optuna.trial": str(number)},
+        )
+
+    def log_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """The child run of a trial that trained elsewhere: its steps read back from ``metrics.jsonl``, then what
+        :meth:`wrap` logs."""
+        self._start_child(trial.number)
+        try:
+            for metrics in _logged_steps(_run_dir(trial)):
+                self.log_step(metrics["step"], metrics)
+            if trial.values:
+                self._log_values(trial.values)
+            self._log_trial(trial)
+        finally:
+            self.mlflow.end_run(status=mlflow_status(as_status(trial.user_attrs.get("status"))))
+
     def _log_values(self, result: Any) -> None:
         values = list(result) if isinstance(result, (list, tuple)) else [result]
         names = [f"objective/{objective.metric}" for objective in self.space.study.objectives]
         self.mlflow.log_metrics(dict(zip(names, map(float, values), strict=True)))
 
-    def _log_trial(self, trial: optuna.Trial) -> None:
+    def _log_trial(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> None:
         self.mlflow.log_params({k: str(v)[:500] for k, v in trial.params.items()})
         attrs = {k: str(v)[:5000] for k, v in trial.user_attrs.items() if k != "values"}
         self.mlflow.set_tags(attrs)  # status (completed, diverged, pruned, invalid), cause, step, ...
@@ -354,14 +388,7 @@ class WandbStudy:
 
         def tracked(trial: optuna.Trial) -> Any:
             run_dir = self.study_dir / TRIALS_DIR / f"{trial.number:04d}"
-            run = WandbRun(
-                self.cfg,
-                f"{self.space.study.name}-{trial.number:04d}",
-                {},
-                run_dir,
-                group=self.space.study.name,
-                job_type="trial",
-            )
+            run = self._trial_run(trial.number, run_dir)
             state = TrialStatus.FAILED
             try:
                 with sending_steps_to(run):
@@ -378,6 +405,21 @@ class WandbStudy:
                 run.finish(run_dir, _read_summary(run_dir), state)
 
         return tracked
+
+    def _trial_run(self, number: int, run_dir: Path) -> WandbRun:
+        name = f"{self.space.study.name}-{number:04d}"
+        return WandbRun(self.cfg, name, {}, run_dir, group=self.space.study.name, job_type="trial")
+
+    def log_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """The W&B run of a trial that trained elsewhere: its steps read back from ``metrics.jsonl``."""
+        from .rundir import TRIALS_DIR
+
+        run_dir = _run_dir(trial) or self.study_dir / TRIALS_DIR / f"{trial.number:04d}"
+        run = self._trial_run(trial.number, run_dir)
+        for metrics in _logged_steps(run_dir):
+            run.log_step(metrics["step"], metrics)
+        run.run.config.update(trial.params)
+        run.finish(run_dir, _read_summary(run_dir), as_status(trial.user_attrs.get("status")))
 
     def callbacks(self) -> list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]]:
         return []

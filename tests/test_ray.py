@@ -148,6 +148,41 @@ def test_local_search_tells_optuna_complete_pruned_and_diverged(ray_session: Non
     assert len(load_study(study_dir)[0].trials) == 4
 
 
+def test_ray_trials_are_tracked_as_mlflow_child_runs(ray_session: None, tmp_path: Path) -> None:
+    """``tracking: mlflow`` on the Ray backend, as on the Optuna one: a parent run for the study and a child run per
+    trial, logged by the driver once the trial ended (its steps read back from the run's metrics.jsonl)."""
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lrs = [1.0e-2, 1.0e3]
+    path = write_space(
+        tmp_path,
+        "tracked",
+        {
+            "train.learning_rate": {"type": "categorical", "choices": lrs},
+            "train.warmup_epochs": {"type": "fixed", "value": 0},
+        },
+        2,
+        steps=8,
+        every=4,
+        ray={"max_concurrent": 1, "scheduler": {"type": "none"}},
+        study={"enqueue": [{"train.learning_rate": lr} for lr in lrs]},
+        tracking={"backend": "mlflow", "uri": uri},
+    )
+    run_ray_search(load_space(path), root=tmp_path / "runs")
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.params["train.learning_rate"]: r for r in runs if r is not parent}
+    assert parent.info.run_name == "tracked" and set(children) == {"0.01", "1000.0"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    good, bad = children["0.01"], children["1000.0"]
+    assert good.info.status == "FINISHED" and good.data.tags["status"] == "completed"
+    assert "objective/nelbo" in good.data.metrics and "final/eval_nll" in good.data.metrics
+    assert [m.step for m in client.get_metric_history(good.info.run_id, "nelbo")] == [1, 4, 8]
+    assert bad.info.status == "FAILED" and bad.data.tags["status"] == "diverged"
+    assert {"recipe.resolved.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(good.info.run_id)}
+
+
 def test_a_data_parallel_trial_trains_with_two_ddp_workers(ray_session: None, tmp_path: Path) -> None:
     import multiprocessing
 

@@ -104,8 +104,9 @@ def test_a_missing_tracker_extra_is_a_clean_error(in_tmp: Path, monkeypatch: pyt
     assert "Traceback" not in result.output and not (in_tmp / "runs").exists()
     wrong = runner.invoke(app, ["train", "cpu/tiny", "--track", "tensorboard"])
     assert wrong.exit_code == 2 and "Traceback" not in wrong.output
-    ray = runner.invoke(app, ["search", "quickstart", "--backend", "ray", "--track", "wandb"], env={"COLUMNS": "200"})
-    assert ray.exit_code == 2 and "optuna backend only" in ray.output  # said, not silently ignored
+    # The Ray backend tracks too: the same clean error, before Ray is started.
+    ray = runner.invoke(app, ["search", "quickstart", "--backend", "ray", "--track", "mlflow"], env={"COLUMNS": "200"})
+    assert ray.exit_code == 2 and "pip install 'nvae-search[mlflow]'" in ray.output and "Traceback" not in ray.output
 
 
 # ---------------------------------------------------------------------------------------------------- W&B

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, atomic_write_text
-from .ray_searcher import METRIC, PLACEHOLDER, make_searcher
+from .ray_searcher import METRIC, PLACEHOLDER, after_each_trial, make_searcher
 from .ray_searcher import decide as _decide  # noqa: F401 - where tests have always found it
 from .ray_trainable import ATTEMPTS_LOG, RANKS_LOG, TRIAL_PREFIX, ray_trial, reports_per_trial
 from .ray_trainable import trial_recipe as _trial_recipe  # noqa: F401 - where tests have always found it
@@ -41,7 +41,9 @@ from .storage import fail_as_interrupted
 if TYPE_CHECKING:
     import optuna
 
+    from ..schema import TrackingConfig
     from ..spaces import Space
+    from ..tracking import StudyTracker
 
 __all__ = [
     "ATTEMPTS_LOG",
@@ -196,6 +198,16 @@ def _make_tuner(
     )
 
 
+def _fit(tuner: Any, space: Space, study_dir: Path, tracker: StudyTracker | None) -> Any:
+    """``tuner.fit()`` with the Optuna backend's callbacks after each trial: ``budget.keep_checkpoints`` and, with a
+    tracker, the trial as a tracked run once it has ended."""
+    from .retention import checkpoint_callback
+
+    callbacks = [checkpoint_callback(space, study_dir), *([tracker.log_finished] if tracker is not None else [])]
+    with optuna_log_file(study_dir), after_each_trial(callbacks):
+        return tuner.fit()
+
+
 def run_ray_search(
     space: Space,
     *,
@@ -205,6 +217,7 @@ def run_ray_search(
     root: str | Path = "runs",
     on_start: Callable[[optuna.Study, int], None] | None = None,
     verbose: bool = False,
+    tracking: TrackingConfig | None = None,
 ) -> Path:
     """Run (or continue) the study on Ray Tune; returns the study directory (same layout as the Optuna backend,
     trial runs in ``trials/ray_<tune trial id>/``, the Tune experiment in ``ray/<study name>``).
@@ -212,7 +225,8 @@ def run_ray_search(
     ``address``: ``local`` (default: ``space.ray.address``), ``auto`` or ``HOST:PORT``; a process that already
     called ``ray.init`` keeps its instance. Re-running after the driver was killed restores the unfinished Tune
     experiment (trials continue from their last checkpoint); re-running after it finished starts a new
-    experiment for the trials still missing from ``n_trials`` (default ``study.n_trials``).
+    experiment for the trials still missing from ``n_trials`` (default ``study.n_trials``). ``tracking``
+    replaces the space's ``tracking:`` (e.g. from ``--track``); each trial is tracked once it has ended.
     """
     import optuna
 
@@ -234,6 +248,9 @@ def run_ray_search(
         if remaining <= 0:
             return study_dir
 
+    from ..tracking import open_study_tracker
+
+    tracker = open_study_tracker(tracking or space.tracking, space, study_dir)  # a missing extra: before Ray starts
     if on_start is not None:
         on_start(study, target)
     quiet: dict[str, Any] = {}
@@ -243,8 +260,9 @@ def run_ray_search(
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
         quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    owns = init_ray(address or space.ray.address, **quiet)
+    owns = False
     try:
+        owns = init_ray(address or space.ray.address, **quiet)
         trainable = _make_trainable(space, study_dir)
         if restore:
             assert latest is not None
@@ -258,12 +276,13 @@ def run_ray_search(
             info = {"index": index, "name": name, "num_samples": remaining, "done": False}
             _write_experiment_info(exp_root, info)
             tuner = _make_tuner(space, study_dir, url, name, remaining, trainable, verbose=verbose)
-        with optuna_log_file(study_dir):
-            results = tuner.fit()
+        results = _fit(tuner, space, study_dir, tracker)
         if _fit_completed(results):
             _write_experiment_info(exp_root, {**info, "done": True})
             _fail_orphans(study, store)
     finally:
+        if tracker is not None:
+            tracker.close()
         if owns:
             import ray
 

@@ -18,11 +18,12 @@ with the experiment and unpickles it on restore, then calls ``restore`` with the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..status import TrialStatus
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
     from ..spaces import Space
 
-__all__ = ["METRIC", "PLACEHOLDER", "StudyBridge", "decide", "make_searcher"]
+__all__ = ["METRIC", "PLACEHOLDER", "StudyBridge", "after_each_trial", "decide", "make_searcher"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,22 @@ PLACEHOLDER = 1.0e12
 """The finite value reported for ``train_nelbo`` when there is none (diverged, invalid): never NaN."""
 RESULT_KEYS = ("run_dir", "config_id", "seed", "values", "unit", "train_s", "trial_s")
 """Keys of a Ray result copied into the trial's outcome attributes as they are."""
+
+TrialCallback = Callable[["optuna.Study", "optuna.trial.FrozenTrial"], None]
+_AFTER_EACH_TRIAL: list[TrialCallback] = []
+
+
+@contextlib.contextmanager
+def after_each_trial(callbacks: list[TrialCallback]) -> Iterator[None]:
+    """While the block runs, the searcher calls each ``callback(study, trial)`` in this process once it has told
+    Optuna a trial's outcome, as the Optuna backend calls its study callbacks (``budget.keep_checkpoints``, the
+    tracker). Not part of the searcher's state: a searcher restored with an experiment gets them too."""
+    _AFTER_EACH_TRIAL.extend(callbacks)
+    try:
+        yield
+    finally:
+        for callback in callbacks:
+            _AFTER_EACH_TRIAL.remove(callback)
 
 
 def _plain(value: Any) -> Any:
@@ -133,7 +150,7 @@ class StudyBridge:
     """
 
     def __init__(self, space: Space, url: str) -> None:
-        self.space = space  # also read by retention.after_ray_trial (budget.keep_checkpoints)
+        self.space = space
         self.url = url
         self.numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self.completed: set[str] = set()
@@ -202,15 +219,13 @@ class StudyBridge:
             for key, value in attrs.items():
                 self.storage.set_trial_user_attr(tid, key, _plain(value))
             self.study.tell(number, values, state=state)
-            from .retention import after_ray_trial
-
-            after_ray_trial(self.study, self, attrs.get("run_dir"))  # budget.keep_checkpoints
         except Exception:  # never leave the Optuna trial RUNNING
             logger.exception("could not tell Optuna the outcome of Ray trial %s; marking it FAIL", ray_trial_id)
             self._fail(ray_trial_id)
         self.completed.add(ray_trial_id)
         self.last.pop(ray_trial_id, None)
         self.reported.pop(ray_trial_id, None)
+        self._after(number)
 
     def save(self, checkpoint_path: str) -> None:
         state = {
@@ -242,6 +257,15 @@ class StudyBridge:
             return  # a restarted trial re-reporting a step Optuna already holds
         self.storage.set_trial_intermediate_value(self._trial_id(ray_trial_id), int(step), float(value))
         self.reported[ray_trial_id] = int(step)
+
+    def _after(self, number: int) -> None:
+        """The callbacks of :func:`after_each_trial`; a failing one (a disk clean-up, a tracker) is logged and the
+        search goes on: the trial's outcome is already recorded."""
+        for callback in list(_AFTER_EACH_TRIAL):
+            try:
+                callback(self.study, self.study.get_trials(deepcopy=False)[number])
+            except Exception:
+                logger.exception("a callback after trial %d failed", number)
 
     def _fail(self, ray_trial_id: str) -> None:
         try:
