@@ -24,6 +24,7 @@ import yaml
 
 from nvae_search.search.ray_backend import ATTEMPTS_LOG, RANKS_LOG, init_ray, reports_per_trial, run_ray_search
 from nvae_search.search.runner import finished_trials, load_study
+from nvae_search.search.storage import open_storage
 from nvae_search.spaces import load_space
 
 pytest.importorskip("ray.tune", reason="the Ray backend needs the optional extra: pip install 'nvae-search[ray]'")
@@ -89,6 +90,53 @@ def test_reports_per_trial_counts_step_one_and_the_final_result(tmp_path: Path) 
     )
     assert reports_per_trial(space) == 5  # steps 1, 4, 8, 12, then the final result
     assert space.ray.scheduler.type == "asha"
+
+
+def test_the_searcher_survives_pickling_and_restores_which_optuna_trial_each_ray_trial_is(tmp_path: Path) -> None:
+    """What Tune does with the searcher across a killed driver, without Ray running: pickle it with the experiment,
+    save its state, unpickle it in the next driver and restore the state; the restored searcher then tells each
+    Ray trial's outcome to that trial's Optuna trial (the study's own storage, public Optuna and Ray APIs only)."""
+    import pickle
+
+    from nvae_search.search.ray_searcher import METRIC, make_searcher
+
+    space = load_space(
+        write_space(
+            tmp_path,
+            "bridge",
+            {"train.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2}},
+            3,
+            steps=8,
+            every=4,
+            ray={},
+        )
+    )
+    url = f"journal:{tmp_path / 'study.journal'}"
+    first = make_searcher(space, url)
+    params = {trial: first.suggest(trial) for trial in ("a", "b", "c")}
+    first.on_trial_result("a", {METRIC: 5.0, "step": 1, "run_dir": "ra"})
+    first.on_trial_result("b", {METRIC: 6.0, "step": 1, "run_dir": "rb"})
+    first.on_trial_result("b", {METRIC: 4.0, "step": 4, "run_dir": "rb"})
+    first.save(str(tmp_path / "searcher-state"))
+    pickled = pickle.dumps(first)  # the searcher class is built in a function: this goes through its factory
+
+    second = pickle.loads(pickled)
+    second.restore(str(tmp_path / "searcher-state"))
+    outcome = {"status": "completed", "eval_nelbo": 3.0}
+    final = {METRIC: 3.5, "step": 8, "final": 1, "objective": [3.0], "outcome": outcome, "run_dir": "ra"}
+    second.on_trial_complete("a", final)
+    second.on_trial_complete("b", {METRIC: 3.9, "step": 8, "run_dir": "rb"})  # stopped by ASHA: no final result
+    second.on_trial_complete("c", None)  # ended by Tune before its first report
+    trials = optuna.load_study(study_name="bridge", storage=open_storage(url)).trials  # read back from the file
+    assert [t.params for t in trials] == [params["a"], params["b"], params["c"]]
+    a, b, c = trials
+    assert a.state == State.COMPLETE and a.value == 3.0 and a.intermediate_values == {1: 5.0}
+    assert a.user_attrs["status"] == "completed" and a.user_attrs["run_dir"] == "ra"
+    assert b.state == State.PRUNED and b.value == 3.9 and b.intermediate_values == {1: 6.0, 4: 4.0, 8: 3.9}
+    assert b.user_attrs["status"] == "pruned" and b.user_attrs["steps"] == 8
+    assert c.state == State.FAIL and c.user_attrs["status"] == "interrupted" and c.user_attrs["interrupted"]
+    second.on_trial_complete("a", None, error=True)  # Tune repeating itself changes nothing
+    assert optuna.load_study(study_name="bridge", storage=open_storage(url)).trials[0].state == State.COMPLETE
 
 
 # ----------------------------------------------------------------------------------------- local Ray
