@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +125,9 @@ class _Reporter:
     """The trainer's report hook: each new report goes to Tune, with a copy of ``checkpoint.pt`` when the trainer
     wrote a new one. A report Ray refuses (it stopped the trial) stops the run gracefully instead."""
 
-    def __init__(self, run_dir: Path, ident: dict[str, Any], unit: str, reported: int, clock: Any) -> None:
+    def __init__(
+        self, run_dir: Path, ident: dict[str, Any], unit: str, reported: int, clock: Callable[[], float]
+    ) -> None:
         self.run_dir, self.ident, self.unit, self.clock = run_dir, ident, unit, clock
         self.reported = reported
         self.signature: tuple[int, int] | None = None
