@@ -198,6 +198,16 @@ def _make_tuner(
     )
 
 
+def _quiet_ray(verbose: bool) -> dict[str, Any]:
+    """``ray.init`` options: the driver shows the search view; Ray's own experiment table, INFO lines and the
+    trials' forwarded output only with -v (trial errors stay in Ray's result files and the trials' status)."""
+    if verbose:
+        return {}
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    return {"log_to_driver": False, "logging_level": logging.WARNING}
+
+
 def _fit(tuner: Any, space: Space, study_dir: Path, tracker: StudyTracker | None) -> Any:
     """``tuner.fit()`` with the Optuna backend's callbacks after each trial: ``budget.keep_checkpoints`` and, with a
     tracker, the trial as a tracked run once it has ended."""
@@ -253,20 +263,13 @@ def run_ray_search(
     tracker = open_study_tracker(tracking or space.tracking, space, study_dir)  # a missing extra: before Ray starts
     if on_start is not None:
         on_start(study, target)
-    quiet: dict[str, Any] = {}
-    if not verbose:
-        # The driver shows the search view; Ray's own experiment table, INFO lines and the trials' forwarded
-        # output only with -v (trial errors stay in Ray's result files and the trials' status).
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
-        logging.getLogger("ray.tune").setLevel(logging.WARNING)
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     owns = False
     try:
-        owns = init_ray(address or space.ray.address, **quiet)
+        owns = init_ray(address or space.ray.address, **_quiet_ray(verbose))
         trainable = _make_trainable(space, study_dir)
         if restore:
             assert latest is not None
-            index, name, info = latest
+            _index, name, info = latest
             tuner = tune.Tuner.restore(
                 str(exp_root / name), trainable=trainable, resume_unfinished=True, resume_errored=True
             )
