@@ -231,6 +231,26 @@ def test_ray_trials_are_tracked_as_mlflow_child_runs(ray_session: None, tmp_path
     assert {"recipe.resolved.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(good.info.run_id)}
 
 
+def test_an_unfinished_experiment_of_an_older_version_is_a_clear_error(ray_session: None, tmp_path: Path) -> None:
+    """An experiment pickled with a searcher class that no longer exists (the OptunaSearch subclass of earlier
+    versions) cannot be restored: one error naming the experiment and the way on, no traceback from pickle."""
+    from nvae_search.config_io import ConfigError
+
+    path = write_space(
+        tmp_path, "older", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
+    )
+    ray_dir = tmp_path / "runs" / "older" / "ray"
+    (ray_dir / "older").mkdir(parents=True)
+    (ray_dir / "older.nvae.json").write_text(json.dumps({"index": 1, "name": "older", "done": False}))
+    # What pickle wrote for the old searcher: a reference to a class by module and name.
+    (ray_dir / "older" / "tuner.pkl").write_bytes(b"cnvae_search.search.ray_backend\n_OutcomeAwareOptunaSearch\n.")
+    with pytest.raises(ConfigError) as caught:
+        run_ray_search(load_space(path), root=tmp_path / "runs")
+    (problem,) = caught.value.problems
+    assert problem[0] == "ray" and "cannot be restored" in problem[1] and '"done": true' in problem[1]
+    assert str(ray_dir / "older.nvae.json") in problem[1]
+
+
 def test_a_data_parallel_trial_trains_with_two_ddp_workers(ray_session: None, tmp_path: Path) -> None:
     import multiprocessing
 

@@ -198,6 +198,24 @@ def _make_tuner(
     )
 
 
+def _restore_tuner(space: Space, exp_root: Path, name: str, trainable: Any) -> Any:
+    """The unfinished Tune experiment ``name``; one saved by a version whose searcher no longer exists is a
+    :class:`ConfigError` saying how to start a new experiment for the missing trials instead."""
+    from ray import tune
+
+    try:
+        return tune.Tuner.restore(
+            str(exp_root / name), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    except (AttributeError, ImportError) as err:  # pickle cannot find a class of the saved experiment
+        info_file = exp_root / EXPERIMENT_INFO.format(name=name)
+        reason = (
+            f"the unfinished Ray experiment {exp_root / name} was saved by another version of nvae-search and cannot "
+            f'be restored ({err}); set "done": true in {info_file} to run the missing trials in a new experiment'
+        )
+        raise ConfigError(str(space.source or "<space>"), [("ray", reason)]) from None
+
+
 def _quiet_ray(verbose: bool) -> dict[str, Any]:
     """``ray.init`` options: the driver shows the search view; Ray's own experiment table, INFO lines and the
     trials' forwarded output only with -v (trial errors stay in Ray's result files and the trials' status)."""
@@ -270,9 +288,7 @@ def run_ray_search(
         if restore:
             assert latest is not None
             _index, name, info = latest
-            tuner = tune.Tuner.restore(
-                str(exp_root / name), trainable=trainable, resume_unfinished=True, resume_errored=True
-            )
+            tuner = _restore_tuner(space, exp_root, name, trainable)
         else:
             index = latest[0] + 1 if latest else 1
             name = space.study.name if index == 1 else f"{space.study.name}-{index}"
