@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .status import TrialStatus
+
 if TYPE_CHECKING:
     import optuna
 
@@ -35,8 +37,25 @@ TRACKING_FILE = "tracking.json"  # in a study directory: the parent run to reuse
 DEFAULT_MLFLOW_DB = "mlflow.db"
 DEFAULT_MLFLOW_ARTIFACTS = "mlartifacts"
 DEFAULT_PROJECT = "nvae-search"
-# run status in summary.json → MLflow run status
-MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FAILED", "stopped": "KILLED"}
+# A run's or trial's status → MLflow run status (FINISHED, FAILED or KILLED; W&B: exit code 1 for FAILED, else 0).
+# Ended on purpose (pruned, stopped, rejected untrained, cut off by a kill) is KILLED; a status missing here (one
+# added to TrialStatus later) is FAILED, as is a string that is no status at all.
+MLFLOW_STATUS: dict[TrialStatus, str] = {
+    TrialStatus.COMPLETED: "FINISHED",
+    TrialStatus.PRUNED: "KILLED",
+    TrialStatus.STOPPED: "KILLED",
+    TrialStatus.INVALID: "KILLED",
+    TrialStatus.OVER_MEMORY: "KILLED",
+    TrialStatus.INTERRUPTED: "KILLED",
+    TrialStatus.RUNNING: "RUNNING",
+    TrialStatus.WAITING: "SCHEDULED",
+    TrialStatus.DIVERGED: "FAILED",
+    TrialStatus.FAILED: "FAILED",
+    TrialStatus.ERROR: "FAILED",
+}
+DEFAULT_MLFLOW_STATUS = "FAILED"
+# No sample grid for a run whose weights are not worth sampling, or that never trained.
+NO_SAMPLES = frozenset({TrialStatus.DIVERGED, TrialStatus.INVALID, TrialStatus.OVER_MEMORY})
 FINAL_KEYS = ("train_nelbo", "steps", "grad_norm_max", "loss_spikes", "skipped_steps", "active_groups", "params")
 SAMPLE_GRID_IMAGES = 16
 EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
@@ -62,6 +81,9 @@ class StudyTracker(Protocol):
     def wrap(self, objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]: ...
 
     def callbacks(self) -> list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]]: ...
+
+    def log_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Track a trial that trained in another process (a Ray worker), once it has ended."""
 
     def close(self) -> None: ...
 
@@ -116,6 +138,18 @@ def flat_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def as_status(value: Any, default: TrialStatus = TrialStatus.FAILED) -> TrialStatus:
+    """The :class:`TrialStatus` a summary or user attribute holds; ``default`` for none or an unknown string."""
+    try:
+        return TrialStatus(str(value))
+    except ValueError:
+        return default
+
+
+def mlflow_status(status: TrialStatus) -> str:
+    return MLFLOW_STATUS.get(status, DEFAULT_MLFLOW_STATUS)
+
+
 def _require(backend: str) -> Any:
     module, extra = EXTRAS[backend]
     try:
@@ -149,6 +183,21 @@ def _artifacts(run_dir: Path, with_samples: bool) -> list[Path]:
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run_dir(trial: optuna.trial.FrozenTrial) -> Path | None:
+    recorded = trial.user_attrs.get("run_dir")
+    return Path(str(recorded)) if recorded else None
+
+
+def _logged_steps(run_dir: Path | None) -> list[dict[str, Any]]:
+    """The log lines of a run directory's ``metrics.jsonl`` (for a trial that trained in another process)."""
+    from .config_io import read_jsonl
+
+    path = None if run_dir is None else run_dir / "metrics.jsonl"
+    if path is None or not path.is_file():
+        return []
+    return [row for row in read_jsonl(path) if isinstance(row.get("step"), int)]
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
@@ -190,12 +239,12 @@ class MlflowRun:
 
     def finish(self, run_dir: Path, summary: Mapping[str, Any] | None) -> None:
         summary = summary or _read_summary(run_dir) or {}
-        status = str(summary.get("status", "failed"))
+        status = as_status(summary.get("status"))
         self.mlflow.log_metrics(final_metrics(summary))
         self.mlflow.set_tags({"status": status, "cause": str(summary.get("cause"))})
-        for path in _artifacts(run_dir, with_samples=status != "diverged"):
+        for path in _artifacts(run_dir, with_samples=status not in NO_SAMPLES):
             self.mlflow.log_artifact(str(path))
-        self.mlflow.end_run(status=MLFLOW_STATUS.get(status, "FAILED"))
+        self.mlflow.end_run(status=mlflow_status(status))
 
 
 class MlflowStudy:
@@ -231,34 +280,53 @@ class MlflowStudy:
         import optuna
 
         def tracked(trial: optuna.Trial) -> Any:
-            self.mlflow.start_run(
-                run_name=f"{self.space.study.name}-{trial.number:04d}",
-                nested=True,
-                experiment_id=self.experiment.experiment_id,
-                tags={"optuna.study": self.space.study.name, "optuna.trial": str(trial.number)},
-            )
-            status = "FAILED"
+            self._start_child(trial.number)
+            status = TrialStatus.FAILED  # the objective raised before it recorded a status
             try:
                 with sending_steps_to(self):
                     result = objective(trial)
                 self._log_values(result)
-                status = "FINISHED"
+                status = TrialStatus.COMPLETED
                 return result
             except optuna.TrialPruned:
-                status = "KILLED"
+                status = as_status(trial.user_attrs.get("status"), default=TrialStatus.PRUNED)
+                raise
+            except Exception:
+                status = as_status(trial.user_attrs.get("status"))
                 raise
             finally:
                 self._log_trial(trial)
-                self.mlflow.end_run(status=status)
+                self.mlflow.end_run(status=mlflow_status(status))
 
         return tracked
+
+    def _start_child(self, number: int) -> None:
+        self.mlflow.start_run(
+            run_name=f"{self.space.study.name}-{number:04d}",
+            nested=True,
+            experiment_id=self.experiment.experiment_id,
+            tags={"optuna.study": self.space.study.name, "optuna.trial": str(number)},
+        )
+
+    def log_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """The child run of a trial that trained elsewhere: its steps read back from ``metrics.jsonl``, then what
+        :meth:`wrap` logs."""
+        self._start_child(trial.number)
+        try:
+            for metrics in _logged_steps(_run_dir(trial)):
+                self.log_step(metrics["step"], metrics)
+            if trial.values:
+                self._log_values(trial.values)
+            self._log_trial(trial)
+        finally:
+            self.mlflow.end_run(status=mlflow_status(as_status(trial.user_attrs.get("status"))))
 
     def _log_values(self, result: Any) -> None:
         values = list(result) if isinstance(result, (list, tuple)) else [result]
         names = [f"objective/{objective.metric}" for objective in self.space.study.objectives]
         self.mlflow.log_metrics(dict(zip(names, map(float, values), strict=True)))
 
-    def _log_trial(self, trial: optuna.Trial) -> None:
+    def _log_trial(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> None:
         self.mlflow.log_params({k: str(v)[:500] for k, v in trial.params.items()})
         attrs = {k: str(v)[:5000] for k, v in trial.user_attrs.items() if k != "values"}
         self.mlflow.set_tags(attrs)  # status (completed, diverged, pruned, invalid), cause, step, ...
@@ -267,7 +335,7 @@ class MlflowStudy:
         if summary is None:
             return  # an invalid combination never trained
         self.mlflow.log_metrics(final_metrics(summary))
-        for path in _artifacts(run_dir, with_samples=summary.get("status") != "diverged"):
+        for path in _artifacts(run_dir, with_samples=as_status(summary.get("status")) not in NO_SAMPLES):
             self.mlflow.log_artifact(str(path))
 
     def callbacks(self) -> list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]]:
@@ -297,15 +365,15 @@ class WandbRun:
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
         self.run.log(scalar_metrics(metrics), step=step)
 
-    def finish(self, run_dir: Path, summary: Mapping[str, Any] | None, state: str | None = None) -> None:
+    def finish(self, run_dir: Path, summary: Mapping[str, Any] | None, state: TrialStatus | None = None) -> None:
         summary = summary or _read_summary(run_dir) or {}
-        status = state or str(summary.get("status", "failed"))
-        self.run.summary.update({**final_metrics(summary), "status": status, "cause": summary.get("cause")})
-        for path in _artifacts(run_dir, with_samples=status not in ("diverged", "invalid")):
+        status = state or as_status(summary.get("status"))
+        self.run.summary.update({**final_metrics(summary), "status": str(status), "cause": summary.get("cause")})
+        for path in _artifacts(run_dir, with_samples=status not in NO_SAMPLES):
             if path.suffix == ".png":
                 self.run.log({"samples": self.wandb.Image(str(path))})
             self.run.save(str(path), base_path=str(run_dir), policy="now")
-        self.run.finish(exit_code=0 if status in ("completed", "pruned", "stopped", "invalid") else 1)
+        self.run.finish(exit_code=1 if mlflow_status(status) == "FAILED" else 0)
 
 
 class WandbStudy:
@@ -320,29 +388,38 @@ class WandbStudy:
 
         def tracked(trial: optuna.Trial) -> Any:
             run_dir = self.study_dir / TRIALS_DIR / f"{trial.number:04d}"
-            run = WandbRun(
-                self.cfg,
-                f"{self.space.study.name}-{trial.number:04d}",
-                {},
-                run_dir,
-                group=self.space.study.name,
-                job_type="trial",
-            )
-            state = "failed"
+            run = self._trial_run(trial.number, run_dir)
+            state = TrialStatus.FAILED
             try:
                 with sending_steps_to(run):
                     result = objective(trial)
                 run.run.config.update(trial.params)
-                state = "completed"
+                state = TrialStatus.COMPLETED
                 return result
             except BaseException as exc:
                 run.run.config.update(trial.params)
-                state = str(trial.user_attrs.get("status") or type(exc).__name__)
+                cut_off = isinstance(exc, (KeyboardInterrupt, SystemExit))
+                state = as_status(trial.user_attrs.get("status"), TrialStatus.INTERRUPTED if cut_off else state)
                 raise
             finally:
                 run.finish(run_dir, _read_summary(run_dir), state)
 
         return tracked
+
+    def _trial_run(self, number: int, run_dir: Path) -> WandbRun:
+        name = f"{self.space.study.name}-{number:04d}"
+        return WandbRun(self.cfg, name, {}, run_dir, group=self.space.study.name, job_type="trial")
+
+    def log_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """The W&B run of a trial that trained elsewhere: its steps read back from ``metrics.jsonl``."""
+        from .rundir import TRIALS_DIR
+
+        run_dir = _run_dir(trial) or self.study_dir / TRIALS_DIR / f"{trial.number:04d}"
+        run = self._trial_run(trial.number, run_dir)
+        for metrics in _logged_steps(run_dir):
+            run.log_step(metrics["step"], metrics)
+        run.run.config.update(trial.params)
+        run.finish(run_dir, _read_summary(run_dir), as_status(trial.user_attrs.get("status")))
 
     def callbacks(self) -> list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]]:
         return []
@@ -410,4 +487,4 @@ def tracked_run(cfg: TrackingConfig | None, recipe: Recipe, run_dir: Path) -> It
             yield finish
         finally:
             if not done:
-                tracker.finish(run_dir, {"status": "failed"})
+                tracker.finish(run_dir, {"status": TrialStatus.FAILED})

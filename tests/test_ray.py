@@ -24,6 +24,7 @@ import yaml
 
 from nvae_search.search.ray_backend import ATTEMPTS_LOG, RANKS_LOG, init_ray, reports_per_trial, run_ray_search
 from nvae_search.search.runner import finished_trials, load_study
+from nvae_search.search.storage import open_storage
 from nvae_search.spaces import load_space
 
 pytest.importorskip("ray.tune", reason="the Ray backend needs the optional extra: pip install 'nvae-search[ray]'")
@@ -91,6 +92,53 @@ def test_reports_per_trial_counts_step_one_and_the_final_result(tmp_path: Path) 
     assert space.ray.scheduler.type == "asha"
 
 
+def test_the_searcher_survives_pickling_and_restores_which_optuna_trial_each_ray_trial_is(tmp_path: Path) -> None:
+    """What Tune does with the searcher across a killed driver, without Ray running: pickle it with the experiment,
+    save its state, unpickle it in the next driver and restore the state; the restored searcher then tells each
+    Ray trial's outcome to that trial's Optuna trial (the study's own storage, public Optuna and Ray APIs only)."""
+    import pickle
+
+    from nvae_search.search.ray_searcher import METRIC, make_searcher
+
+    space = load_space(
+        write_space(
+            tmp_path,
+            "bridge",
+            {"train.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2}},
+            3,
+            steps=8,
+            every=4,
+            ray={},
+        )
+    )
+    url = f"journal:{tmp_path / 'study.journal'}"
+    first = make_searcher(space, url)
+    params = {trial: first.suggest(trial) for trial in ("a", "b", "c")}
+    first.on_trial_result("a", {METRIC: 5.0, "step": 1, "run_dir": "ra"})
+    first.on_trial_result("b", {METRIC: 6.0, "step": 1, "run_dir": "rb"})
+    first.on_trial_result("b", {METRIC: 4.0, "step": 4, "run_dir": "rb"})
+    first.save(str(tmp_path / "searcher-state"))
+    pickled = pickle.dumps(first)  # the searcher class is built in a function: this goes through its factory
+
+    second = pickle.loads(pickled)
+    second.restore(str(tmp_path / "searcher-state"))
+    outcome = {"status": "completed", "eval_nelbo": 3.0}
+    final = {METRIC: 3.5, "step": 8, "final": 1, "objective": [3.0], "outcome": outcome, "run_dir": "ra"}
+    second.on_trial_complete("a", final)
+    second.on_trial_complete("b", {METRIC: 3.9, "step": 8, "run_dir": "rb"})  # stopped by ASHA: no final result
+    second.on_trial_complete("c", None)  # ended by Tune before its first report
+    trials = optuna.load_study(study_name="bridge", storage=open_storage(url)).trials  # read back from the file
+    assert [t.params for t in trials] == [params["a"], params["b"], params["c"]]
+    a, b, c = trials
+    assert a.state == State.COMPLETE and a.value == 3.0 and a.intermediate_values == {1: 5.0}
+    assert a.user_attrs["status"] == "completed" and a.user_attrs["run_dir"] == "ra"
+    assert b.state == State.PRUNED and b.value == 3.9 and b.intermediate_values == {1: 6.0, 4: 4.0, 8: 3.9}
+    assert b.user_attrs["status"] == "pruned" and b.user_attrs["steps"] == 8
+    assert c.state == State.FAIL and c.user_attrs["status"] == "interrupted" and c.user_attrs["interrupted"]
+    second.on_trial_complete("a", None, error=True)  # Tune repeating itself changes nothing
+    assert optuna.load_study(study_name="bridge", storage=open_storage(url)).trials[0].state == State.COMPLETE
+
+
 # ----------------------------------------------------------------------------------------- local Ray
 def test_local_search_tells_optuna_complete_pruned_and_diverged(ray_session: None, tmp_path: Path) -> None:
     """One trial per outcome, in this order (warm-start queue, one at a time, so ASHA's decision is certain):
@@ -146,6 +194,61 @@ def test_local_search_tells_optuna_complete_pruned_and_diverged(ray_session: Non
     # Running the same command again finds the study complete: nothing is re-run or counted twice.
     run_ray_search(load_space(path), root=tmp_path / "runs")
     assert len(load_study(study_dir)[0].trials) == 4
+
+
+def test_ray_trials_are_tracked_as_mlflow_child_runs(ray_session: None, tmp_path: Path) -> None:
+    """``tracking: mlflow`` on the Ray backend, as on the Optuna one: a parent run for the study and a child run per
+    trial, logged by the driver once the trial ended (its steps read back from the run's metrics.jsonl)."""
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lrs = [1.0e-2, 1.0e3]
+    path = write_space(
+        tmp_path,
+        "tracked",
+        {
+            "train.learning_rate": {"type": "categorical", "choices": lrs},
+            "train.warmup_epochs": {"type": "fixed", "value": 0},
+        },
+        2,
+        steps=8,
+        every=4,
+        ray={"max_concurrent": 1, "scheduler": {"type": "none"}},
+        study={"enqueue": [{"train.learning_rate": lr} for lr in lrs]},
+        tracking={"backend": "mlflow", "uri": uri},
+    )
+    run_ray_search(load_space(path), root=tmp_path / "runs")
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.params["train.learning_rate"]: r for r in runs if r is not parent}
+    assert parent.info.run_name == "tracked" and set(children) == {"0.01", "1000.0"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    good, bad = children["0.01"], children["1000.0"]
+    assert good.info.status == "FINISHED" and good.data.tags["status"] == "completed"
+    assert "objective/nelbo" in good.data.metrics and "final/eval_nll" in good.data.metrics
+    assert [m.step for m in client.get_metric_history(good.info.run_id, "nelbo")] == [1, 4, 8]
+    assert bad.info.status == "FAILED" and bad.data.tags["status"] == "diverged"
+    assert {"recipe.resolved.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(good.info.run_id)}
+
+
+def test_an_unfinished_experiment_of_an_older_version_is_a_clear_error(ray_session: None, tmp_path: Path) -> None:
+    """An experiment pickled with a searcher class that no longer exists (the OptunaSearch subclass of earlier
+    versions) cannot be restored: one error naming the experiment and the way on, no traceback from pickle."""
+    from nvae_search.config_io import ConfigError
+
+    path = write_space(
+        tmp_path, "older", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
+    )
+    ray_dir = tmp_path / "runs" / "older" / "ray"
+    (ray_dir / "older").mkdir(parents=True)
+    (ray_dir / "older.nvae.json").write_text(json.dumps({"index": 1, "name": "older", "done": False}))
+    # What pickle wrote for the old searcher: a reference to a class by module and name.
+    (ray_dir / "older" / "tuner.pkl").write_bytes(b"cnvae_search.search.ray_backend\n_OutcomeAwareOptunaSearch\n.")
+    with pytest.raises(ConfigError) as caught:
+        run_ray_search(load_space(path), root=tmp_path / "runs")
+    (problem,) = caught.value.problems
+    assert problem[0] == "ray" and "cannot be restored" in problem[1] and '"done": true' in problem[1]
+    assert str(ray_dir / "older.nvae.json") in problem[1]
 
 
 def test_a_data_parallel_trial_trains_with_two_ddp_workers(ray_session: None, tmp_path: Path) -> None:
@@ -216,9 +319,9 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from nvae_search.spaces import load_space
 from nvae_search.search import ray_backend
+from nvae_search.search.ray_searcher import StudyBridge as searcher
 
 kill_at = int(os.environ.get("NVAE_TEST_KILL_DRIVER_AT_STEP", "0"))
-searcher = ray_backend._searcher_class()
 real_on_trial_result = searcher.on_trial_result
 
 

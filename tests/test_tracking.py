@@ -104,8 +104,9 @@ def test_a_missing_tracker_extra_is_a_clean_error(in_tmp: Path, monkeypatch: pyt
     assert "Traceback" not in result.output and not (in_tmp / "runs").exists()
     wrong = runner.invoke(app, ["train", "cpu/tiny", "--track", "tensorboard"])
     assert wrong.exit_code == 2 and "Traceback" not in wrong.output
-    ray = runner.invoke(app, ["search", "quickstart", "--backend", "ray", "--track", "wandb"], env={"COLUMNS": "200"})
-    assert ray.exit_code == 2 and "optuna backend only" in ray.output  # said, not silently ignored
+    # The Ray backend tracks too: the same clean error, before Ray is started.
+    ray = runner.invoke(app, ["search", "quickstart", "--backend", "ray", "--track", "mlflow"], env={"COLUMNS": "200"})
+    assert ray.exit_code == 2 and "pip install 'nvae-search[mlflow]'" in ray.output and "Traceback" not in ray.output
 
 
 # ---------------------------------------------------------------------------------------------------- W&B
@@ -183,3 +184,21 @@ def test_search_is_a_wandb_group_with_a_run_per_trial_offline(wandb_offline: Pat
     assert good["group"] == bad["group"] == "tracked-wandb"
     assert good["exit"] == 0 and good["steps"] == [1, 3, 6] and good["summary"]["status"] == '"completed"'
     assert bad["exit"] == 1 and bad["summary"]["status"] == '"diverged"'
+
+
+def test_every_trial_status_maps_to_an_mlflow_status_and_unknown_ones_fail() -> None:
+    from nvae_search.status import TrialStatus
+    from nvae_search.tracking import MLFLOW_STATUS, as_status, mlflow_status
+
+    assert all(isinstance(key, TrialStatus) for key in MLFLOW_STATUS)  # keyed by the enum, not by bare strings
+    assert {mlflow_status(s) for s in TrialStatus} <= {"FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED"}
+    assert [mlflow_status(as_status(s)) for s in ("completed", "diverged", "pruned", "stopped", "invalid")] == [
+        "FINISHED",
+        "FAILED",
+        "KILLED",
+        "KILLED",
+        "KILLED",
+    ]
+    # A status this version does not know (a newer summary.json) or none at all: the run failed.
+    assert as_status("some_new_status") is TrialStatus.FAILED and as_status(None) is TrialStatus.FAILED
+    assert mlflow_status(as_status("some_new_status")) == "FAILED"

@@ -47,8 +47,6 @@ def search(
     if backend not in ("optuna", "ray"):
         fail_config(ConfigError("--backend", [("backend", f"expected optuna or ray, got {backend!r}")]))
     tracking = _tracking_config(space.tracking, track)
-    if backend == "ray" and tracking.backend != "none":
-        fail_config(ConfigError("--track", [("tracking", "tracking works with the optuna backend only, not ray")]))
     console = _console()
     view = SearchView(_console(stderr=True), steps=space.budget.steps, quiet=quiet, verbose=verbose)
     start = time.perf_counter()
@@ -64,6 +62,7 @@ def search(
                 root=root,
                 on_start=view.start,
                 verbose=verbose,
+                tracking=tracking,
             )
         else:
             from ..search.runner import run_optuna_search

@@ -259,8 +259,6 @@ def _trial_seeded_class() -> type:
         def reseed_rng(self) -> None:
             pass  # every trial's seed is fixed by its number
 
-    TrialSeeded.__module__ = __name__
-    TrialSeeded.__qualname__ = "TrialSeeded"
     return TrialSeeded
 
 
@@ -276,13 +274,6 @@ def sampler_exhausted(study: optuna.Study) -> bool:
     grid = _base_sampler(sampler._space, None)
     assert isinstance(grid, optuna.samplers.GridSampler)
     return grid.is_exhausted(study)
-
-
-def __getattr__(name: str) -> Any:
-    # Pickle finds the sampler class by name when Ray restores its searcher (PEP 562 module attribute).
-    if name == "TrialSeeded":
-        return _trial_seeded_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_pruner(space: Space) -> optuna.pruners.BasePruner:

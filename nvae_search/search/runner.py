@@ -23,14 +23,14 @@ from ..rundir import TRIALS_DIR
 from ..spaces import Space, apply_params
 from ..status import TrialStatus
 from ..tracking import study_tracking
-from .storage import check_storage, open_storage, resolve_storage_url, workers_lock
+from .storage import check_storage, fail_as_interrupted, open_storage, resolve_storage_url, workers_lock
 from .trial import STUDY_FILE, InvalidCombination, TrialDiverged, TrialOutcome, outcome_from_summary
 from .trial import load_study as load_study  # where callers of the Optuna backend have always found it
 
 if TYPE_CHECKING:
     import optuna
 
-    from ..schema import TrackingConfig
+    from ..schema import Recipe, TrackingConfig
 
 
 _clock = time.monotonic  # the study's time budget is measured on this (a test replaces it)
@@ -47,6 +47,19 @@ def run_trial(
     from ..train import train
 
     start = time.perf_counter()
+    quiet = trial_recipe(space, values)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "params.json", json.dumps(dict(values), indent=2, default=str))
+    reporter = None if report is None else (lambda step, metrics: report(step, float(metrics["nelbo"])))
+    summary = train(quiet, run_dir, resume=resume, reporter=reporter)
+    return outcome_from_summary(space, summary, values, time.perf_counter() - start)
+
+
+def trial_recipe(space: Space, values: Mapping[str, Any], workers: int = 1, **train_updates: Any) -> Recipe:
+    """The recipe a trial trains (both backends): the values applied to the base recipe (a combination the schema
+    rejects raises :class:`InvalidCombination`), checked against the space's memory constraint at the batch of one
+    of ``workers`` processes before anything is written or built on the device, quiet, logging at the report
+    interval; ``train_updates`` are further ``train`` fields."""
     try:
         recipe = apply_params(space, values)
     except ConfigError as err:
@@ -54,17 +67,9 @@ def run_trial(
         raise InvalidCombination(reason) from None
     from .constraints import check_memory_constraint
 
-    check_memory_constraint(space, recipe)  # before anything is written or built on the device
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "params.json", json.dumps(dict(values), indent=2, default=str))
-    reporter = None if report is None else (lambda step, metrics: report(step, float(metrics["nelbo"])))
-    quiet = recipe.model_copy(
-        update={
-            "train": recipe.train.model_copy(update={"progress": False, "log_every": space.budget.report_every_steps})
-        }
-    )
-    summary = train(quiet, run_dir, resume=resume, reporter=reporter)
-    return outcome_from_summary(space, summary, values, time.perf_counter() - start)
+    check_memory_constraint(space, recipe, workers)
+    update = {"progress": False, "log_every": space.budget.report_every_steps, **train_updates}
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update=update)})
 
 
 # ------------------------------------------------------------------------------------------ the study
@@ -134,11 +139,7 @@ def recover_interrupted(study: optuna.Study, storage: Any, *, unowned_are_stale:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not is_stale(trial, unowned_are_stale=unowned_are_stale):
             continue
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(trial._trial_id, "status", TrialStatus.INTERRUPTED)
-            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
+        if not fail_as_interrupted(study, storage, trial.number):
             continue  # another worker recovered it first, or its owner finished it after all
         recovered += 1
         if trial.params and "retry_of" not in trial.user_attrs:

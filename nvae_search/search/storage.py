@@ -16,10 +16,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError
 from ..spaces import storage_form_problem
+from ..status import TrialStatus
+
+if TYPE_CHECKING:
+    import optuna
 
 JOURNAL_PREFIX = "journal:"
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -216,3 +220,24 @@ def workers_lock(url: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def trial_id(storage: Any, study: optuna.Study, number: int) -> int:
+    """The storage's id of trial ``number`` of ``study``, through the public storage API (a trial's number is
+    per study; its id, which the storage calls take, is per storage)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+def fail_as_interrupted(study: optuna.Study, storage: Any, number: int) -> bool:
+    """Mark the RUNNING trial ``number`` FAIL with status ``interrupted`` (not counted towards ``n_trials``);
+    False when it had already finished (another worker, or its owner, got there first)."""
+    import optuna
+
+    tid = trial_id(storage, study, number)
+    try:
+        storage.set_trial_user_attr(tid, "interrupted", True)
+        storage.set_trial_user_attr(tid, "status", TrialStatus.INTERRUPTED)
+        storage.set_trial_state_values(tid, optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
