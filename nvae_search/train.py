@@ -48,8 +48,8 @@ from .objectives import (
 from .rundir import RESOLVED_RECIPE
 from .runtime import pick_device
 from .schema import Recipe, dump_recipe, paper_batch_warning, recipe_to_dict
-from .status import TrialStatus
-from .telemetry import StabilityTracker, active_units, gradient_norm
+from .status import BROKE, TrialStatus
+from .telemetry import StabilityTracker, active_units, end_of_run_status, gradient_norm
 
 Reporter = Callable[[int, dict[str, float]], bool]
 """Called at every log step with the step and metrics; returning True stops the run (e.g. pruned)."""
@@ -115,7 +115,7 @@ def resumable_state(checkpoint: Path, recipe: Recipe, device: str | torch.device
 
 @dataclass
 class RunSummary:
-    status: TrialStatus  # completed | diverged | stopped
+    status: TrialStatus  # completed | collapsed | spiky | diverged | exploded | stopped
     cause: str | None
     diverged_step: int | None
     steps: int
@@ -265,7 +265,7 @@ class Trainer:
             if self.cfg.ema_decay
             else None
         )
-        self.tracker = StabilityTracker(spike_factor=self.cfg.spike_factor)
+        self.tracker = StabilityTracker(spike_factor=self.cfg.spike_factor, explode_factor=self.cfg.explode_factor)
         self.unit = unit_for(recipe.model.output.distribution)
         self.dims = recipe.model.data_dims()
         self.step = 0
@@ -663,6 +663,8 @@ class Trainer:
                 if info is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                     metrics = self._metrics(info)
                     self.log(metrics)
+                    if explosion := self.tracker.observe_nelbo(self.step, metrics["nelbo_nats"]):
+                        return TrialStatus.EXPLODED, explosion, self.step
                     if self.reporter is not None and self.reporter(self.step, metrics):
                         status, cause = TrialStatus.STOPPED, "pruned"
                         break
@@ -681,13 +683,22 @@ class Trainer:
         return status, cause, diverged_step
 
     def _finish(self, status: TrialStatus, cause: str | None, diverged_step: int | None) -> RunSummary:
-        if status != TrialStatus.DIVERGED:
+        if status not in BROKE:
             self.save()
         eval_result = None
         if status == TrialStatus.COMPLETED and self.cfg.eval_at_end and self.main:
             eval_result = self.final_eval().to_dict()
         kl = self.last_metrics.get("kl_per_group", [])
         units = self.last_metrics.get("active_units_per_group", [])
+        if status == TrialStatus.COMPLETED:  # collapsed or spiky: still completed runs, with their values
+            status, cause = end_of_run_status(
+                units,
+                self.recipe.model.num_latent_per_group,
+                self.tracker.loss_spikes,
+                self.step,
+                self.cfg.collapse_fraction,
+                self.cfg.spiky_fraction,
+            )
         summary = RunSummary(
             status=status,
             cause=cause,
@@ -749,7 +760,7 @@ class Trainer:
         hparams = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
         metrics = {
             "hparam/train_nelbo": summary.train_nelbo or float("nan"),
-            "hparam/diverged": float(summary.status == TrialStatus.DIVERGED),
+            "hparam/diverged": float(summary.status in BROKE),
         }
         if summary.eval:
             metrics["hparam/eval_nll"] = summary.eval["nll"]

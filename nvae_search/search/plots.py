@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..spaces import Space
-from ..status import TrialStatus
+from ..status import BROKE, WITH_VALUE, TrialStatus
 from .report_rows import STATUS_ORDER, Run, finite, fmt_num, unit_of
 
 if TYPE_CHECKING:
@@ -128,16 +128,14 @@ def plot_history(path: Path, runs: Sequence[Run], space: Space, unit: str, title
     )
     for i, (ax, objective) in enumerate(zip(axes[:, 0], objectives, strict=True)):
         done = sorted(
-            (r.trial, v)
-            for r in study_runs
-            if r.status == TrialStatus.COMPLETED and (v := finite(r.objectives[i])) is not None
+            (r.trial, v) for r in study_runs if r.status in WITH_VALUE and (v := finite(r.objectives[i])) is not None
         )
         pruned = [
             (r.trial, v)
             for r in study_runs
             if r.status == TrialStatus.PRUNED and i == 0 and (v := finite(r.objectives[0])) is not None
         ]
-        diverged = [r.trial for r in study_runs if r.status in (TrialStatus.DIVERGED, TrialStatus.FAILED)]
+        diverged = [r.trial for r in study_runs if r.status in BROKE | {TrialStatus.FAILED}]
         if done:
             xs, ys = zip(*done, strict=True)
             ax.scatter(xs, ys, color=COLOURS["completed"], s=30, zorder=3, label="completed")
@@ -184,7 +182,7 @@ def plot_pareto(path: Path, study: optuna.Study, runs: Sequence[Run], space: Spa
         (r.trial, x, y)
         for r in runs
         if r.source == "study"
-        and r.status == TrialStatus.COMPLETED
+        and r.status in WITH_VALUE
         and (x := finite(r.objectives[0])) is not None
         and (y := finite(r.objectives[1])) is not None
     ]
@@ -297,7 +295,9 @@ def plot_stability(path: Path, configs: Sequence[Mapping[str, Any]], space: Spac
                 color=COLOURS["diverged"],
             )
         right.barh(y, c["divergence_rate"], color=COLOURS["rate"], alpha=0.75, height=0.55)
-        right.text(min(c["divergence_rate"], 1.0) + 0.03, y, f"{c['diverged']}/{c['runs']}", va="center", fontsize=8)
+        right.text(
+            min(c["divergence_rate"], 1.0) + 0.03, y, f"{c['diverged']}/{c['finished']}", va="center", fontsize=8
+        )
     if configs:
         left.set_yticks(ys)
         left.set_yticklabels(labels, fontsize=8)

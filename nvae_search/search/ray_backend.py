@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, atomic_write_text
-from ..status import TrialStatus
+from ..status import BROKE, WITH_VALUE, TrialStatus
 from .runner import (
     TRIALS_DIR,
     _enqueue_warm_start,
@@ -182,14 +182,14 @@ def _decide(result: Mapping[str, Any] | None, error: bool, last: Mapping[str, An
         if result.get("invalid") or status == TrialStatus.INVALID:
             attrs["status"] = TrialStatus.OVER_MEMORY if status == TrialStatus.OVER_MEMORY else TrialStatus.INVALID
             return TrialState.PRUNED, None, attrs
-        if result.get("diverged") or status == TrialStatus.DIVERGED:
-            attrs["status"] = TrialStatus.DIVERGED
+        if result.get("diverged") or status in BROKE:
+            attrs["status"] = status if status in BROKE else TrialStatus.DIVERGED
             return TrialState.FAIL, None, attrs
         if status == TrialStatus.STOPPED:
             attrs["status"] = TrialStatus.PRUNED
             return TrialState.PRUNED, None, attrs
         values = result.get("objective")
-        if status == TrialStatus.COMPLETED and isinstance(values, (list, tuple)) and values:
+        if status in WITH_VALUE and isinstance(values, (list, tuple)) and values:
             floats = [float(v) for v in values]
             if all(math.isfinite(v) for v in floats):
                 return TrialState.COMPLETE, (floats[0] if len(floats) == 1 else floats), attrs
@@ -501,7 +501,7 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
             "step": summary.steps,
             "final": 1,
             "invalid": 0,
-            "diverged": int(attrs["status"] == TrialStatus.DIVERGED),
+            "diverged": int(attrs["status"] in BROKE),
             "objective": outcome_obj.values,
             "outcome": attrs,
             **ident,

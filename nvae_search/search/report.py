@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..spaces import Space
-from ..status import TrialStatus
+from ..status import WITH_VALUE, TrialStatus
 from .param_plots import plot_params
 from .plots import plot_history, plot_pareto, plot_stability
 from .report_rows import (
@@ -79,7 +79,7 @@ def _importances(
     import optuna
 
     objectives = space.study.objectives
-    done = [r for r in rows if r.source == "study" and r.status == TrialStatus.COMPLETED]
+    done = [r for r in rows if r.source == "study" and r.status in WITH_VALUE]
     meta: dict[str, Any] = {"evaluator": None, "completed_trials": len(done), "skipped": None}
     if len(done) < 2:
         meta["skipped"] = f"needs at least 2 completed trials, the study has {len(done)}"
@@ -171,6 +171,10 @@ def _write_tables(
         "completed",
         "pruned",
         "diverged",
+        "exploded",
+        "collapsed",
+        "spiky",
+        "finished",
         "failed",
         "mean",
         "std",

@@ -16,7 +16,10 @@ from .report_rows import Run, fmt_count, fmt_num, fmt_value, unit_of
 
 STATUS_STYLE = {
     TrialStatus.COMPLETED: "green",
+    TrialStatus.SPIKY: "dark_orange",
+    TrialStatus.COLLAPSED: "magenta",
     TrialStatus.PRUNED: "yellow",
+    TrialStatus.EXPLODED: "bold red",
     TrialStatus.DIVERGED: "bold red",
     TrialStatus.FAILED: "red",
     TrialStatus.INVALID: "dim",
@@ -149,7 +152,7 @@ def configs_table(console: Console, configs: Sequence[Mapping[str, Any]], header
         table.add_column(
             Text(f"{metric}{f' [{unit}]' if unit else ''} {arrow}\nmean ± std"), justify="right", no_wrap=True
         )
-        table.add_column("diverged", justify="right", no_wrap=True)
+        table.add_column("diverged or\nexploded", justify="right", no_wrap=True)
         table.add_column("mean\nmax‖g‖", justify="right", no_wrap=True)
         table.add_column("mean\nspikes", justify="right", no_wrap=True)
         for c in configs:
@@ -160,7 +163,7 @@ def configs_table(console: Console, configs: Sequence[Mapping[str, Any]], header
                 objective = Text(fmt_num(c["mean"], 4) + std)
             rate = c["divergence_rate"]
             div = Text(
-                f"{c['diverged']}/{c['runs']} ({rate:.0%})",
+                f"{c['diverged']}/{c['finished']} ({rate:.0%})",
                 style="bold red" if rate >= 0.5 else "red" if rate > 0 else "green",
             )
             runs = f"{c['runs']}" + (f" ({c['repeat_runs']} rep)" if c["repeat_runs"] else "")

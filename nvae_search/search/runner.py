@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..config_io import ConfigError, atomic_write_text
 from ..rundir import TRIALS_DIR
 from ..spaces import Space, apply_params
-from ..status import TrialStatus
+from ..status import BROKE, TrialStatus
 from ..tracking import study_tracking
 from .storage import check_storage, open_storage, resolve_storage_url, workers_lock
 from .trial import STUDY_FILE, InvalidCombination, TrialDiverged, TrialOutcome, outcome_from_summary
@@ -186,9 +186,9 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
             raise optuna.TrialPruned(f"invalid combination: {err}") from None
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)
-        if outcome.status == TrialStatus.DIVERGED:
+        if outcome.status in BROKE:  # diverged or exploded: a failure of the configuration
             raise TrialDiverged(
-                f"trial {trial.number} diverged at step {outcome.attrs['diverged_step']}: {outcome.attrs['cause']}"
+                f"trial {trial.number} {outcome.status} at step {outcome.diverged_step}: {outcome.cause}"
             )
         if outcome.status == TrialStatus.STOPPED:
             trial.set_user_attr("status", TrialStatus.PRUNED)
