@@ -5,6 +5,7 @@ definition of a trial's outcome fields."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from nvae_search.cli import app
 from nvae_search.schema.recipe import TrainConfig
 from nvae_search.search.report import build_report
 from nvae_search.search.runner import load_study, run_optuna_search
+from nvae_search.search.trajectories import read_trajectory, wilson_interval
 from nvae_search.search.trial import OUTCOME_KEYS, TrialOutcome
 from nvae_search.spaces import load_space
 from nvae_search.status import BROKE, WITH_VALUE, TrialStatus, completed_outcome
@@ -201,3 +203,91 @@ def test_both_backends_record_exploded_as_failed_and_collapsed_with_its_value(
     statuses = {row["trial"]: row["status"] for row in report.rows}
     assert statuses[exploded.number] == "exploded" and statuses[collapsed.number] == "collapsed"
     assert report.rows[0]["trial"] == collapsed.number  # a collapsed run keeps its place by value
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def test_wilson_interval_of_small_seed_counts() -> None:
+    assert wilson_interval(0, 0) is None
+    low, high = wilson_interval(0, 5)  # type: ignore[misc]
+    assert low == 0.0 and high == pytest.approx(0.4345, abs=1e-4)
+    assert wilson_interval(5, 5) == pytest.approx((0.5655, 1.0), abs=1e-4)
+    assert wilson_interval(2, 5) == pytest.approx((0.1176, 0.7693), abs=1e-4)
+
+
+def seeded_study(tmp_path: Path) -> Path:
+    """Ten trials, five seeds of two learning rates, with run directories holding metrics.jsonl: lr 0.1 explodes on
+    three seeds (steps 10, 20, 30), collapses on one and completes on one; lr 0.01 completes on all five."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from nvae_search.search.runner import create_study, storage_url, write_study_file
+    from nvae_search.search.trial import config_id
+
+    doc = {
+        "base_recipe": str(TINY),
+        "study": {"name": "seeded", "n_trials": 10},
+        "budget": {"steps": 40},
+        "pruner": {"type": "none"},
+        "space": {
+            "train.learning_rate": {"type": "categorical", "choices": [0.01, 0.1]},
+            "train.seed": {"type": "categorical", "choices": [1, 2, 3, 4, 5]},
+        },
+    }
+    path = tmp_path / "seeded.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    space = load_space(path)
+    study_dir = tmp_path / "runs" / "seeded"
+    url = storage_url(space, study_dir, None)
+    write_study_file(space, study_dir, url, "optuna")
+    study = create_study(space, url)
+    dists = {
+        "train.learning_rate": CategoricalDistribution([0.01, 0.1]),
+        "train.seed": CategoricalDistribution([1, 2, 3, 4, 5]),
+    }
+    plan = [(0.1, 1, "exploded", 10), (0.1, 2, "exploded", 20), (0.1, 3, "exploded", 30), (0.1, 4, "collapsed", None)]
+    plan += [(0.1, 5, "completed", None)] + [(0.01, s, "completed", None) for s in range(1, 6)]
+    for i, (lr, seed, status, broke_at) in enumerate(plan):
+        values = {"train.learning_rate": lr, "train.seed": seed}
+        run_dir = study_dir / "trials" / f"{i:04d}"
+        run_dir.mkdir(parents=True)
+        last = broke_at or 40
+        rows = [{"step": s, "nelbo": 900.0 - 10 * s, "grad_norm": 100.0 + s} for s in range(1, last, 5)]
+        if broke_at:
+            rows.append({"step": broke_at, "nelbo": 1.0e5, "grad_norm": 1.0e8})
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        outcome = TrialOutcome(
+            status=TrialStatus(status),
+            diverged_step=broke_at,
+            steps=last,
+            eval_nelbo=None if broke_at else 100.0 + 10 * lr + seed,
+            unit="nats",
+            run_dir=str(run_dir),
+            config_id=config_id(values),
+            seed=seed,
+            recipe_values=json.dumps(values),
+        )
+        state = State.FAIL if broke_at else State.COMPLETE
+        study.add_trial(
+            create_trial(
+                state=state, params=values, distributions=dists, user_attrs=outcome.attrs, value=outcome.eval_nelbo
+            )
+        )
+    return study_dir
+
+
+def test_report_gives_divergence_rate_interval_median_step_and_trajectories(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    report = build_report(seeded_study(tmp_path), console=Console(file=io.StringIO(), width=200))
+    by_lr = {c["params"]["train.learning_rate"]: c for c in report.configs}
+    bad, good = by_lr[0.1], by_lr[0.01]
+    assert bad["finished"] == 5 and bad["diverged"] == bad["exploded"] == 3 and bad["collapsed"] == 1
+    assert bad["divergence_rate"] == pytest.approx(0.6) and bad["median_divergence_step"] == 20
+    assert (bad["divergence_ci_low"], bad["divergence_ci_high"]) == pytest.approx((0.2307, 0.8824), abs=1e-4)
+    assert bad["completed"] == 2  # the collapsed seed keeps its value
+    assert good["divergence_rate"] == 0.0 and good["divergence_ci_high"] == pytest.approx(0.4345, abs=1e-4)
+    assert good["median_divergence_step"] is None
+    png = report.files["trajectories.png"]
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    rows = [r for r in report.rows if r["status"] == "exploded"]
+    assert len(rows) == 3 and len(read_trajectory(rows[0]["run_dir"])) >= 2

@@ -307,7 +307,7 @@ def test_configuration_table_numbers(mixed_study: Path) -> None:
 
     out = printed(console)
     assert "Stability per configuration" in out
-    assert "92 ± 2.83" in out and "1/3 (33%)" in out and "no completed run" in out
+    assert "92 ± 2.83" in out and "1/3 (33%, 6%-79%)" in out and "no completed run" in out
 
 
 def test_importances_and_plots_are_written(mixed_study: Path) -> None:

@@ -295,9 +295,11 @@ def plot_stability(path: Path, configs: Sequence[Mapping[str, Any]], space: Spac
                 color=COLOURS["diverged"],
             )
         right.barh(y, c["divergence_rate"], color=COLOURS["rate"], alpha=0.75, height=0.55)
-        right.text(
-            min(c["divergence_rate"], 1.0) + 0.03, y, f"{c['diverged']}/{c['finished']}", va="center", fontsize=8
-        )
+        if c.get("divergence_ci_low") is not None:  # the 95 % Wilson interval over the finished seeds
+            rate, low, high = c["divergence_rate"], c["divergence_ci_low"], c["divergence_ci_high"]
+            right.errorbar(rate, y, xerr=[[rate - low], [high - rate]], fmt="none", ecolor="#333333", capsize=3)
+        at = max(c["divergence_rate"], c.get("divergence_ci_high") or 0.0)  # right of the interval's bar
+        right.text(min(at, 1.0) + 0.03, y, f"{c['diverged']}/{c['finished']}", va="center", fontsize=8)
     if configs:
         left.set_yticks(ys)
         left.set_yticklabels(labels, fontsize=8)
@@ -316,7 +318,7 @@ def plot_stability(path: Path, configs: Sequence[Mapping[str, Any]], space: Spac
         f"{axis_label(objective.metric, unit, objective.direction)}: mean ± std over completed runs", fontsize=9
     )
     left.grid(axis="x", alpha=0.3)
-    right.set_xlabel("divergence rate (diverged / runs)", fontsize=9)
+    right.set_xlabel("divergence rate, 95% CI\n(diverged or exploded / finished)", fontsize=9)
     right.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{title}: seed stability per configuration", fontsize=12)
     legend_below_title(fig, [left])

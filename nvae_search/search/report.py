@@ -46,6 +46,7 @@ from .report_rows import (
     study_rows,
 )
 from .report_tables import configs_table, importance_tables, leaderboard_tables, objective_headers
+from .trajectories import plot_trajectories
 from .trial import OUTCOME_KEYS, load_study
 
 if TYPE_CHECKING:
@@ -181,6 +182,9 @@ def _write_tables(
         "min",
         "max",
         "divergence_rate",
+        "divergence_ci_low",
+        "divergence_ci_high",
+        "median_divergence_step",
         "grad_norm_max_mean",
         "loss_spikes_mean",
         "repeat_runs",
@@ -278,6 +282,7 @@ def build_report(study_dir: str | Path, *, console: Console | None = None) -> Re
         ("history.png", lambda p: plot_history(p, rows, space, unit, space.study.name)),
         ("params.png", lambda p: plot_params(p, study, rows, space, unit, space.study.name, param_names, short)),
         ("stability.png", lambda p: plot_stability(p, configs, space, unit, space.study.name)),
+        ("trajectories.png", lambda p: plot_trajectories(p, rows, unit, space.study.name)),
     ]
     if len(objectives) >= 2:
         plots.append(("pareto.png", lambda p: plot_pareto(p, study, rows, space, unit, space.study.name)))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..spaces import Space
 from ..status import BROKE, WITH_VALUE, TrialStatus
+from .trajectories import wilson_interval
 from .trial import OUTCOME_KEYS, TrialOutcome, config_id, outcome_from_summary
 
 if TYPE_CHECKING:
@@ -371,6 +372,8 @@ def config_table(rows: Sequence[Run], direction: str, short: Mapping[str, str]) 
         spikes = [x for r in runs if (x := finite(r.attrs.get("loss_spikes"))) is not None]
         diverged = sum(r.status in BROKE for r in runs)  # diverged or exploded
         finished = sum(r.status in FINISHED_STATUSES for r in runs)
+        broke_at = [s for r in runs if r.status in BROKE and isinstance(s := r.attrs.get("diverged_step"), int)]
+        ci = wilson_interval(diverged, finished)
         params = params_of[cid]
         out.append(
             {
@@ -392,6 +395,9 @@ def config_table(rows: Sequence[Run], direction: str, short: Mapping[str, str]) 
                 "max": max(done) if done else None,
                 "objective_values": done,
                 "divergence_rate": diverged / finished if finished else 0.0,
+                "divergence_ci_low": ci[0] if ci else None,  # 95 % Wilson interval over the finished seeds
+                "divergence_ci_high": ci[1] if ci else None,
+                "median_divergence_step": statistics.median(broke_at) if broke_at else None,
                 "grad_norm_max_mean": statistics.fmean(grads) if grads else None,
                 "loss_spikes_mean": statistics.fmean(spikes) if spikes else None,
                 "trials": [r.trial for r in runs if r.trial is not None],
