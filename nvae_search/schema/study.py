@@ -199,8 +199,37 @@ class ThresholdPrunerConfig(Strict):
         return self
 
 
+class InstabilityPrunerConfig(Strict):
+    """Stops a trial whose reports show it breaking: ``patience`` consecutive reports with the gradient norm above
+    grad_factor x its median over the first baseline_steps steps, or the NELBO above nelbo_factor x its lowest
+    so far (or a non-finite NELBO or gradient norm). Needs no other trials; `nvae-search replay-pruner STUDY`
+    measures it on a finished study."""
+
+    type: Literal["instability"]
+    grad_factor: float | None = Field(
+        10.0, gt=1, description="Gradient norm above this x its early median is unstable (null: off)."
+    )
+    nelbo_factor: float | None = Field(
+        1.5, gt=1, description="NELBO above this x its lowest reported value is unstable (null: off)."
+    )
+    baseline_steps: int = Field(5, ge=1, description="Reports up to this step form the gradient-norm baseline.")
+    patience: int = Field(2, ge=1, description="Consecutive unstable reports that stop the trial.")
+    n_warmup_steps: int = Field(0, ge=0, description="Training steps before it may stop a trial.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> InstabilityPrunerConfig:
+        if self.grad_factor is None and self.nelbo_factor is None:
+            raise ValueError("set grad_factor, nelbo_factor or both: with neither the pruner never stops a trial")
+        return self
+
+
 PrunerConfig = Annotated[
-    NoPrunerConfig | MedianPrunerConfig | SuccessiveHalvingPrunerConfig | HyperbandPrunerConfig | ThresholdPrunerConfig,
+    NoPrunerConfig
+    | MedianPrunerConfig
+    | SuccessiveHalvingPrunerConfig
+    | HyperbandPrunerConfig
+    | ThresholdPrunerConfig
+    | InstabilityPrunerConfig,
     Field(discriminator="type"),
 ]
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, atomic_write_text
 from ..status import BROKE, WITH_VALUE, TrialStatus
+from .instability import with_instability
 from .runner import (
     TRIALS_DIR,
     _enqueue_warm_start,
@@ -464,6 +465,7 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
             state["stopped"] = True
             return True
 
+    on_report, instability = with_instability(space, on_report)  # type: ignore[assignment]  # pruner: instability
     workers = space.ray.workers_per_trial
     try:
         if workers > 1:
@@ -493,6 +495,7 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
         # a normal return would make Tune report once more, and that report would never be consumed.
         raise SystemExit(0)
     outcome_obj = outcome_from_summary(space, summary, values, trial_s())
+    outcome_obj.cause = instability() or outcome_obj.cause
     attrs = outcome_obj.attrs
     last = summary.train_nelbo
     tune.report(

@@ -23,6 +23,7 @@ from ..rundir import TRIALS_DIR
 from ..spaces import Space, apply_params
 from ..status import BROKE, TrialStatus
 from ..tracking import study_tracking
+from .instability import with_instability
 from .storage import check_storage, open_storage, resolve_storage_url, workers_lock
 from .trial import STUDY_FILE, InvalidCombination, TrialDiverged, TrialOutcome, outcome_from_summary
 from .trial import load_study as load_study  # where callers of the Optuna backend have always found it
@@ -40,10 +41,11 @@ def run_trial(
     space: Space,
     values: Mapping[str, Any],
     run_dir: Path,
-    report: Callable[[int, float], bool] | None = None,
+    report: Callable[[int, dict[str, Any]], bool] | None = None,
     resume: bool = False,
 ) -> TrialOutcome:
-    """Train one configuration into ``run_dir``. ``report(step, nelbo)`` returning True stops it as pruned."""
+    """Train one configuration into ``run_dir``. ``report(step, metrics)`` returning True stops it as pruned; so
+    does the study's instability pruner (the outcome's cause then says why)."""
     from ..train import train
 
     start = time.perf_counter()
@@ -57,14 +59,18 @@ def run_trial(
     check_memory_constraint(space, recipe)  # before anything is written or built on the device
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "params.json", json.dumps(dict(values), indent=2, default=str))
-    reporter = None if report is None else (lambda step, metrics: report(step, float(metrics["nelbo"])))
+    # a search trial (one with a reporter) also answers to the instability pruner; seed repeats run to their end
+    reporter, instability = with_instability(space, report) if report is not None else (None, lambda: None)
     quiet = recipe.model_copy(
         update={
             "train": recipe.train.model_copy(update={"progress": False, "log_every": space.budget.report_every_steps})
         }
     )
     summary = train(quiet, run_dir, resume=resume, reporter=reporter)
-    return outcome_from_summary(space, summary, values, time.perf_counter() - start)
+    outcome = outcome_from_summary(space, summary, values, time.perf_counter() - start)
+    if outcome.status == TrialStatus.STOPPED and instability():
+        outcome.cause = instability()
+    return outcome
 
 
 # ------------------------------------------------------------------------------------------ the study
@@ -169,8 +175,9 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
         run_dir = study_dir / TRIALS_DIR / f"{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
 
-        def report(step: int, nelbo: float) -> bool:
+        def report(step: int, metrics: dict[str, Any]) -> bool:
             trial.set_user_attr("progress", step)  # the live view's "step k of n" for running trials
+            nelbo = float(metrics["nelbo"])
             if not can_prune or not math.isfinite(nelbo):
                 return False
             trial.report(nelbo, step)
