@@ -52,8 +52,9 @@ from .runner import (
     recover_interrupted,
     study_dir_for,
 )
+from .seeds import run_configuration
 from .storage import open_storage
-from .trial import OUTCOME_KEYS, InvalidCombination, config_id, outcome_from_summary
+from .trial import OUTCOME_KEYS, InvalidCombination, TrialOutcome, config_id, outcome_from_summary
 
 if TYPE_CHECKING:
     import optuna
@@ -385,6 +386,52 @@ def _log_rank(run_dir: str, rank: int) -> None:
         fh.write(json.dumps(line) + "\n")
 
 
+def _train_seeds(
+    space: Space,
+    values: Mapping[str, Any],
+    run_dir: Path,
+    driver_cwd: str,
+    on_report: Callable[[int, dict[str, Any]], bool],
+    state: dict[str, Any],
+    ident: dict[str, Any],
+) -> None:
+    """A trial of a study with ``study.aggregate``: its seeds one after the other in this worker (no data-parallel
+    workers, no Ray checkpoints: a restarted trial reuses its finished seeds and resumes the others from their own
+    checkpoints), then the final result with the aggregated values."""
+    from ray import tune
+
+    from ..train import TrainingDiverged, train
+
+    def train_one(seed_values: Mapping[str, Any], seed_dir: Path, report: Any, resume: bool) -> TrialOutcome:
+        start = time.perf_counter()
+        reporter, instability = with_instability(space, report)  # a fresh rule per seed run
+        try:
+            recipe = _trial_recipe(space, seed_values, driver_cwd)
+            summary = train(recipe, seed_dir, resume=resume, reporter=reporter)
+        except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome
+            return TrialOutcome(status=TrialStatus.DIVERGED, cause=str(err), run_dir=str(seed_dir))
+        outcome = outcome_from_summary(space, summary, seed_values, time.perf_counter() - start)
+        outcome.cause = instability() or outcome.cause
+        return outcome
+
+    outcome = run_configuration(space, values, run_dir, train_one, on_report)
+    if state["stopped"]:
+        raise SystemExit(0)  # stopped by Ray (see _ray_trial)
+    last = outcome.train_nelbo
+    tune.report(
+        {
+            METRIC: last if last is not None and math.isfinite(last) else PLACEHOLDER,
+            "step": outcome.steps,
+            "final": 1,
+            "invalid": 0,
+            "diverged": int(outcome.status in BROKE),
+            "objective": outcome.values,
+            "outcome": outcome.attrs,
+            **ident,
+        }
+    )
+
+
 def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cwd: str) -> None:
     """One Ray Tune trial: train the configuration in ``<study>/trials/ray_<trial id>/`` and report."""
     from ray import tune
@@ -465,6 +512,8 @@ def _ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_c
             state["stopped"] = True
             return True
 
+    if space.study.aggregate is not None:  # objectives over seeds: the driver shared with the Optuna backend
+        return _train_seeds(space, values, run_dir, driver_cwd, on_report, state, ident)
     on_report, instability = with_instability(space, on_report)  # type: ignore[assignment]  # pruner: instability
     workers = space.ray.workers_per_trial
     try:

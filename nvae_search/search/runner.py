@@ -24,6 +24,7 @@ from ..spaces import Space, apply_params
 from ..status import BROKE, TrialStatus
 from ..tracking import study_tracking
 from .instability import with_instability
+from .seeds import run_configuration
 from .storage import check_storage, open_storage, resolve_storage_url, workers_lock
 from .trial import STUDY_FILE, InvalidCombination, TrialDiverged, TrialOutcome, outcome_from_summary
 from .trial import load_study as load_study  # where callers of the Optuna backend have always found it
@@ -161,6 +162,10 @@ def _enqueue_warm_start(study: optuna.Study, space: Space) -> None:
         study.enqueue_trial(point)
 
 
+def _train_one(space: Space) -> Callable[[Mapping[str, Any], Path, Any, bool], TrialOutcome]:
+    return lambda values, run_dir, report, resume: run_trial(space, values, run_dir, report, resume)
+
+
 def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], Any]:
     """The Optuna objective: sample, train, and turn the outcome into values, PRUNED or FAIL."""
     import optuna
@@ -184,7 +189,7 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
             return trial.should_prune()
 
         try:
-            outcome = run_trial(space, values, run_dir, report)
+            outcome = run_configuration(space, values, run_dir, _train_one(space), report)  # once, or per seed
         except InvalidCombination as err:
             trial.set_user_attr("status", getattr(err, "status", TrialStatus.INVALID))  # or over_memory
             trial.set_user_attr("cause", str(err))

@@ -56,6 +56,17 @@ def read_trajectory(run_dir: str | Path | None) -> list[dict[str, Any]]:
         return []
 
 
+def run_logs(run_dir: str | Path | None, broke: bool) -> list[tuple[list[dict[str, Any]], bool]]:
+    """The logs of a trial's runs with whether each broke: its own, or those of its seed runs (``seed_<s>/``,
+    ``study.aggregate``), of which only the last can have broken."""
+    own = read_trajectory(run_dir)
+    if own or not run_dir:
+        return [(own, broke)] if own else []
+    seeds = sorted(Path(run_dir).glob("seed_*"), key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else 0)
+    logs = [log for d in seeds if (log := read_trajectory(d))]
+    return [(log, broke and i == len(logs) - 1) for i, log in enumerate(logs)]
+
+
 def _positive(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
 
@@ -68,19 +79,18 @@ def plot_trajectories(path: Path, rows: Sequence[Run], unit: str, title: str) ->
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, layout="constrained")
     drawn, seen = 0, set()
     for run in rows:
-        log = read_trajectory(run.attrs.get("run_dir"))
-        if not log:
-            continue
-        colour = OUTCOME_COLOURS.get(run.status, "#7f7f7f")
-        label = None if run.status in seen else str(run.status)
-        seen.add(run.status)
-        steps = [r["step"] for r in log]
-        for ax, key in ((top, "grad_norm"), (bottom, "nelbo")):
-            ys = [_positive(r.get(key)) for r in log]
-            ax.plot(steps, [math.nan if y is None else y for y in ys], color=colour, alpha=0.55, lw=1.0, label=label)
-            if run.attrs.get("diverged_step") and ys and ys[-1] is not None:
-                ax.scatter([steps[-1]], [ys[-1]], marker="x", color=colour, s=36, zorder=3)
-        drawn += 1
+        for log, broke in run_logs(run.attrs.get("run_dir"), bool(run.attrs.get("diverged_step"))):
+            colour = OUTCOME_COLOURS.get(run.status, "#7f7f7f")
+            label = None if run.status in seen else str(run.status)
+            seen.add(run.status)
+            steps = [r["step"] for r in log]
+            for ax, key in ((top, "grad_norm"), (bottom, "nelbo")):
+                ys = [_positive(r.get(key)) for r in log]
+                ys_plot = [math.nan if y is None else y for y in ys]
+                ax.plot(steps, ys_plot, color=colour, alpha=0.55, lw=1.0, label=label)
+                if broke and ys and ys[-1] is not None:
+                    ax.scatter([steps[-1]], [ys[-1]], marker="x", color=colour, s=36, zorder=3)
+            drawn += 1
     for ax, name in ((top, "gradient norm"), (bottom, f"training NELBO [{unit}]")):
         ax.set_yscale("log")
         ax.set_ylabel(name)

@@ -83,6 +83,7 @@ class TrialOutcome:
     config_id: str | None = field(default=None, metadata=_src())
     seed: Any = field(default=None, metadata=_src())
     recipe_values: str | None = field(default=None, metadata=_src(key="values"))  # the trial's recipe values as JSON
+    seed_runs: str | None = field(default=None, metadata=_src())  # study.aggregate: JSON list of the seed runs
     values: list[float] | None = field(default=None, metadata={"stored": False})  # objective values, if any
 
     @property
