@@ -37,6 +37,7 @@ DEFAULT_MLFLOW_ARTIFACTS = "mlartifacts"
 DEFAULT_PROJECT = "nvae-search"
 # run status in summary.json → MLflow run status
 MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FAILED", "stopped": "KILLED"}
+MLFLOW_STATUS |= {"collapsed": "FINISHED", "spiky": "FINISHED", "exploded": "FAILED"}  # completed runs with a flag
 FINAL_KEYS = ("train_nelbo", "steps", "grad_norm_max", "loss_spikes", "skipped_steps", "active_groups", "params")
 SAMPLE_GRID_IMAGES = 16
 EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
@@ -305,7 +306,8 @@ class WandbRun:
             if path.suffix == ".png":
                 self.run.log({"samples": self.wandb.Image(str(path))})
             self.run.save(str(path), base_path=str(run_dir), policy="now")
-        self.run.finish(exit_code=0 if status in ("completed", "pruned", "stopped", "invalid") else 1)
+        ok = ("completed", "collapsed", "spiky", "pruned", "stopped", "invalid")  # exploded and diverged: 1
+        self.run.finish(exit_code=0 if status in ok else 1)
 
 
 class WandbStudy:
