@@ -130,8 +130,9 @@ def test_both_backends_stop_an_unstable_trial_as_pruned_with_the_rules_cause(
 
 # ---------------------------------------------------------------------------------------------- replay
 def replay_study(tmp_path: Path) -> Path:
-    """Eight finished runs in trial order: five healthy (the pilot's healthy log, shifted per seed), three that blew
-    up like the pilot runs and ended exploded at step 30 (their logs stop there), plus a pruned trial."""
+    """Nine finished runs in trial order: five healthy (the pilot's healthy log, shifted per seed), three that blew
+    up like the pilot runs and ended exploded at step 30 (their logs stop there), a pruned trial, and a run that
+    blew up but "completed" (as with train.explode_factor: null)."""
     from optuna.distributions import IntDistribution
     from optuna.trial import create_trial
 
@@ -154,6 +155,7 @@ def replay_study(tmp_path: Path) -> Path:
     plan = [("completed", healthy[0]), ("completed", healthy[1]), ("exploded", broken[0]), ("completed", healthy[2])]
     plan += [("exploded", broken[1]), ("completed", healthy[3]), ("exploded", broken[2]), ("completed", healthy[4])]
     plan += [("pruned", healthy[0][:3])]
+    plan += [("completed", PILOT_EXPLODED["lr 0.3 no SR no res"])]  # trained with explode_factor null: it blew up
     for i, (status, log) in enumerate(plan):
         run_dir = study_dir / "trials" / f"{i:04d}"
         run_dir.mkdir(parents=True)
@@ -178,28 +180,29 @@ def replay_study(tmp_path: Path) -> Path:
 def test_replay_reports_saved_steps_and_false_stops_for_each_pruner(tmp_path: Path) -> None:
     study_dir = replay_study(tmp_path)
     replay = {r["pruner"]: r for r in replay_pruners(study_dir)}
-    total = 5 * 300 + 3 * 30  # the pruned trial is not replayed
-    for r in replay.values():
-        assert r["runs"] == 8 and r["total_steps"] == total and r["broken_runs"] == 3
+    total = 5 * 300 + 4 * 30  # the pruned trial is not replayed
+    for r in replay.values():  # the last run "completed" but its log crosses train.explode_factor: it counts as broken
+        assert r["runs"] == 9 and r["total_steps"] == total and r["broken_runs"] == 4
+        assert r["per_run"][-1]["status"] == "exploded"
     assert replay["none"]["stopped"] == replay["none"]["saved_steps"] == replay["none"]["false_stops"] == 0
 
     inst = replay["instability"]
-    assert inst["stopped"] == 3 and inst["false_stops"] == 0 and inst["broken_stopped"] == 3
-    assert inst["saved_steps"] == 3 * (30 - 20)  # stopped at step 20 instead of exploding at 30
-    assert {r["trial"]: r["stop_step"] for r in inst["per_run"] if r["stop_step"]} == {2: 20, 4: 20, 6: 20}
+    assert inst["stopped"] == 4 and inst["false_stops"] == 0 and inst["broken_stopped"] == 4
+    assert inst["saved_steps"] == 4 * (30 - 20)  # stopped at step 20 instead of ending at 30
+    assert {r["trial"]: r["stop_step"] for r in inst["per_run"] if r["stop_step"]} == {2: 20, 4: 20, 6: 20, 9: 20}
 
     # Optuna's median pruner: fed the NELBO trajectories in trial order, it stops the later blown-up runs (their
     # NELBO is above the median of the completed ones) and, with only 2 startup trials, the healthy runs that lag
     # (each seed here is 3 nats above the one before): false stops
     median = replay["median"]
-    assert median["broken_stopped"] == 3 and median["false_stop_trials"] == [3, 5, 7]
+    assert median["broken_stopped"] == 4 and median["false_stop_trials"] == [3, 5, 7]
 
 
 def test_replay_pruner_command(tmp_path: Path) -> None:
     study_dir = replay_study(tmp_path)
     result = CliRunner().invoke(app, ["replay-pruner", str(study_dir), "--pruner", "instability", "--pruner", "none"])
     assert result.exit_code == 0, result.output
-    assert "instability: stopped 3 of 8 runs, saved 30 of 1,590 steps (2%), false stops 0" in result.output
+    assert "instability: stopped 4 of 9 runs, saved 40 of 1,620 steps (2%), false stops 0" in result.output
     as_json = CliRunner().invoke(app, ["replay-pruner", str(study_dir), "--json"])
     assert [r["pruner"] for r in json.loads(as_json.output)] == ["instability", "median", "none"]
     bad = CliRunner().invoke(app, ["replay-pruner", str(study_dir), "--pruner", "asha"])

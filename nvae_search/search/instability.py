@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..schema.recipe import TrainConfig
 from ..spaces import Space
-from ..status import BROKE, WITH_VALUE
+from ..status import BROKE, WITH_VALUE, TrialStatus, explosion_cause
 from .trajectories import read_trajectory
 
 __all__ = ["InstabilityRule", "replay_pruners", "rule_for", "with_instability"]
@@ -171,8 +172,27 @@ def _finished_runs(study_dir: Path) -> tuple[Space, list[tuple[int, str, int, li
         if not log:
             continue
         steps = t.user_attrs.get("steps")
-        out.append((t.number, str(status), int(steps) if isinstance(steps, int) else log[-1]["step"], log))
+        status = _would_explode(str(status), log)
+        out.append((t.number, status, int(steps) if isinstance(steps, int) else log[-1]["step"], log))
     return space, out
+
+
+def _would_explode(status: str, log: Sequence[Mapping[str, Any]]) -> str:
+    """A run that trained to its end but whose log crosses the default explosion rule (a study run with
+    ``train.explode_factor: null`` to see the whole trajectories) counts as exploded: stopping it is no false stop."""
+    if status not in WITH_VALUE:
+        return status
+    factor = TrainConfig.model_fields["explode_factor"].default
+    lowest, lowest_step = math.inf, 0
+    for row in log:
+        nelbo = _number(row.get("nelbo"))
+        if nelbo is None:
+            continue
+        if explosion_cause(nelbo, row["step"], lowest, lowest_step, factor):
+            return str(TrialStatus.EXPLODED)
+        if nelbo < lowest:
+            lowest, lowest_step = nelbo, row["step"]
+    return status
 
 
 def _replay_instability(space: Space, runs: Sequence[tuple[int, str, int, list[dict[str, Any]]]]) -> PrunerReplay:
