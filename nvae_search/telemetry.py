@@ -23,6 +23,8 @@ class StabilityTracker:
 
     spike_factor: float = 3.0
     explode_factor: float | None = None
+    explode_patience: int = 1  # consecutive logged NELBOs above the rule before the run counts as exploded
+    explode_streak: int = 0
     lowest_nelbo: float = math.inf  # the lowest logged NELBO so far and its step: the explosion rule's reference
     lowest_nelbo_step: int = 0
     grad_norm_max: float = 0.0
@@ -47,9 +49,12 @@ class StabilityTracker:
     def observe_nelbo(self, step: int, nelbo: float) -> str | None:
         """Record a logged NELBO; returns the explosion cause if it is far above the lowest one before it."""
         cause = explosion_cause(nelbo, step, self.lowest_nelbo, self.lowest_nelbo_step, self.explode_factor)
+        self.explode_streak = self.explode_streak + 1 if cause else 0
         if math.isfinite(nelbo) and nelbo < self.lowest_nelbo:
             self.lowest_nelbo, self.lowest_nelbo_step = nelbo, step
-        return cause
+        if cause and self.explode_patience > 1:
+            cause += f" ({self.explode_streak} logs in a row; train.explode_patience {self.explode_patience})"
+        return cause if self.explode_streak >= self.explode_patience else None
 
     def observe_grad_norm(self, norm: float) -> None:
         if math.isfinite(norm):
@@ -79,6 +84,7 @@ class StabilityTracker:
             "nonfinite_events": self.nonfinite_events,
             "lowest_nelbo": self.lowest_nelbo,
             "lowest_nelbo_step": self.lowest_nelbo_step,
+            "explode_streak": self.explode_streak,
             "recent_losses": list(self.recent_losses),
         }
 

@@ -265,7 +265,11 @@ class Trainer:
             if self.cfg.ema_decay
             else None
         )
-        self.tracker = StabilityTracker(spike_factor=self.cfg.spike_factor, explode_factor=self.cfg.explode_factor)
+        self.tracker = StabilityTracker(
+            spike_factor=self.cfg.spike_factor,
+            explode_factor=self.cfg.explode_factor,
+            explode_patience=self.cfg.explode_patience,
+        )
         self.unit = unit_for(recipe.model.output.distribution)
         self.dims = recipe.model.data_dims()
         self.step = 0

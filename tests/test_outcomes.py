@@ -81,6 +81,20 @@ def test_explosion_cause_names_the_numbers_and_the_threshold() -> None:
     assert restored.observe_nelbo(40, 810.0) is not None
 
 
+def test_explode_patience_spares_a_run_that_spikes_once_and_recovers() -> None:
+    recovers = [904, 1960, 540, 374, 332]  # the tiny recipe at lr 1, logged every 5 steps: 2.2x at step 5
+    assert first_explosion(recovers, 2.0) == 1
+
+    def first(nelbos: list[float], patience: int) -> int | None:
+        tracker = StabilityTracker(explode_factor=2.0, explode_patience=patience)
+        return next((i for i, n in enumerate(nelbos) if tracker.observe_nelbo(i, n)), None)
+
+    assert first(recovers, 2) is None
+    assert first(PILOT_EXPLODED["lr 0.05, no SR, no residual Normal"], 2) == 2  # 3.1x, then 2.3x at step 20
+    for name, nelbos in PILOT_EXPLODED.items():
+        assert first(nelbos, 2) == 2, name
+
+
 def test_negative_nelbos_are_never_compared() -> None:
     tracker = StabilityTracker(explode_factor=2.0)
     assert tracker.observe_nelbo(1, -500.0) is None and tracker.observe_nelbo(2, 1e6) is None

@@ -314,6 +314,12 @@ class TrainConfig(Strict):
         description="The run stops as exploded at a logged NELBO above factor × the lowest NELBO logged before it "
         "(healthy runs stay within 1.2×; null: never).",
     )
+    explode_patience: int = Field(
+        1,
+        ge=1,
+        description="Logged NELBOs in a row above explode_factor × the lowest before the run counts as exploded: "
+        "2 spares runs that spike once and recover (the tiny recipe at lr 1 spikes 2.2× at step 5, then trains).",
+    )
     collapse_fraction: float = Field(
         0.05,
         ge=0,
