@@ -145,7 +145,7 @@ class Space(Strict):
     @classmethod
     def _pruner_fits(cls, pruner: Any, info: ValidationInfo) -> Any:
         study = info.data.get("study")
-        if study is not None and study.multi_objective and pruner.type != "none":
+        if study is not None and study.multi_objective and pruner.type not in ("none", "instability"):
             raise ValueError(
                 f"a study with {len(study.objectives)} objectives cannot prune: in Optuna 5.0 trial.report and "
                 "should_prune raise NotImplementedError for multi-objective studies; use {type: none}"

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .status import TrialStatus, completed_outcome, explosion_cause
+
 ACTIVE_UNIT_KL = 0.1  # the paper's rule: a latent channel is active when its mean KL exceeds 0.1 nats
 SPIKE_WINDOW = 50
 SPIKE_MIN_HISTORY = 20
@@ -20,6 +22,11 @@ class StabilityTracker:
     """Counts what a reader of a stability report wants: spikes, skipped steps, gradient-norm extremes."""
 
     spike_factor: float = 3.0
+    explode_factor: float | None = None
+    explode_patience: int = 1  # consecutive logged NELBOs above the rule before the run counts as exploded
+    explode_streak: int = 0
+    lowest_nelbo: float = math.inf  # the lowest logged NELBO so far and its step: the explosion rule's reference
+    lowest_nelbo_step: int = 0
     grad_norm_max: float = 0.0
     grad_norm_sum: float = 0.0
     grad_norm_count: int = 0
@@ -38,6 +45,16 @@ class StabilityTracker:
         self.loss_spikes += int(spike)
         self.recent_losses.append(loss)
         return spike
+
+    def observe_nelbo(self, step: int, nelbo: float) -> str | None:
+        """Record a logged NELBO; returns the explosion cause if it is far above the lowest one before it."""
+        cause = explosion_cause(nelbo, step, self.lowest_nelbo, self.lowest_nelbo_step, self.explode_factor)
+        self.explode_streak = self.explode_streak + 1 if cause else 0
+        if math.isfinite(nelbo) and nelbo < self.lowest_nelbo:
+            self.lowest_nelbo, self.lowest_nelbo_step = nelbo, step
+        if cause and self.explode_patience > 1:
+            cause += f" ({self.explode_streak} logs in a row; train.explode_patience {self.explode_patience})"
+        return cause if self.explode_streak >= self.explode_patience else None
 
     def observe_grad_norm(self, norm: float) -> None:
         if math.isfinite(norm):
@@ -65,6 +82,9 @@ class StabilityTracker:
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
             "nonfinite_events": self.nonfinite_events,
+            "lowest_nelbo": self.lowest_nelbo,
+            "lowest_nelbo_step": self.lowest_nelbo_step,
+            "explode_streak": self.explode_streak,
             "recent_losses": list(self.recent_losses),
         }
 
@@ -74,6 +94,14 @@ class StabilityTracker:
                 self.recent_losses = deque(value, maxlen=SPIKE_WINDOW)
             else:
                 setattr(self, key, value)
+
+
+def end_of_run_status(
+    units_per_group: list[int], latent_per_group: int, loss_spikes: int, steps: int, collapse: float, spiky: float
+) -> tuple[TrialStatus, str | None]:
+    """The status of a run that trained to its end, from its last log step's active units and its spike count."""
+    total = latent_per_group * len(units_per_group)
+    return completed_outcome(sum(units_per_group), total, loss_spikes, steps, collapse, spiky)
 
 
 def active_units(kl_per_channel: list[torch.Tensor]) -> list[int]:

@@ -42,6 +42,8 @@ DEFAULT_PROJECT = "nvae-search"
 # added to TrialStatus later) is FAILED, as is a string that is no status at all.
 MLFLOW_STATUS: dict[TrialStatus, str] = {
     TrialStatus.COMPLETED: "FINISHED",
+    TrialStatus.COLLAPSED: "FINISHED",  # trained to the end: flagged, with its values
+    TrialStatus.SPIKY: "FINISHED",
     TrialStatus.PRUNED: "KILLED",
     TrialStatus.STOPPED: "KILLED",
     TrialStatus.INVALID: "KILLED",
@@ -50,12 +52,13 @@ MLFLOW_STATUS: dict[TrialStatus, str] = {
     TrialStatus.RUNNING: "RUNNING",
     TrialStatus.WAITING: "SCHEDULED",
     TrialStatus.DIVERGED: "FAILED",
+    TrialStatus.EXPLODED: "FAILED",
     TrialStatus.FAILED: "FAILED",
     TrialStatus.ERROR: "FAILED",
 }
 DEFAULT_MLFLOW_STATUS = "FAILED"
 # No sample grid for a run whose weights are not worth sampling, or that never trained.
-NO_SAMPLES = frozenset({TrialStatus.DIVERGED, TrialStatus.INVALID, TrialStatus.OVER_MEMORY})
+NO_SAMPLES = frozenset({TrialStatus.DIVERGED, TrialStatus.EXPLODED, TrialStatus.INVALID, TrialStatus.OVER_MEMORY})
 FINAL_KEYS = ("train_nelbo", "steps", "grad_norm_max", "loss_spikes", "skipped_steps", "active_groups", "params")
 SAMPLE_GRID_IMAGES = 16
 EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}

@@ -33,7 +33,8 @@ from .model.nvae import NVAE
 from .rundir import RESOLVED_RECIPE
 from .runtime import pick_device
 from .schema import Recipe, dump_recipe, paper_batch_warning
-from .status import TrialStatus
+from .status import BROKE, TrialStatus
+from .telemetry import end_of_run_status
 from .training.budget import CLOCK_REPLAN_UNTIL, DEFAULT_EPOCHS, STEP_TIME_PROBE, Budget, LRSchedule
 from .training.control import Ranks, StopFlag
 from .training.logs import Progress, RunLogging, peak_memory_mb
@@ -80,7 +81,7 @@ clock: Callable[[], float] = time.perf_counter
 
 @dataclass
 class RunSummary:
-    status: TrialStatus  # completed | diverged | stopped
+    status: TrialStatus  # completed | collapsed | spiky | diverged | exploded | stopped
     cause: str | None
     diverged_step: int | None
     steps: int
@@ -245,6 +246,8 @@ class Trainer(CheckpointState, OptimizerStep, RunLogging):
                 if info is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                     metrics = self._metrics(info)
                     self.log(metrics)
+                    if explosion := self.tracker.observe_nelbo(self.step, metrics["nelbo_nats"]):
+                        return TrialStatus.EXPLODED, explosion, self.step
                     if self.reporter is not None and self.reporter(self.step, metrics):
                         status, cause = TrialStatus.STOPPED, "pruned"
                         break
@@ -263,13 +266,22 @@ class Trainer(CheckpointState, OptimizerStep, RunLogging):
         return status, cause, diverged_step
 
     def _finish(self, status: TrialStatus, cause: str | None, diverged_step: int | None) -> RunSummary:
-        if status != TrialStatus.DIVERGED:
+        if status not in BROKE:
             self.save()
         eval_result = None
         if status == TrialStatus.COMPLETED and self.cfg.eval_at_end and self.main:
             eval_result = self.final_eval().to_dict()
         kl = self.last_metrics.get("kl_per_group", [])
         units = self.last_metrics.get("active_units_per_group", [])
+        if status == TrialStatus.COMPLETED:  # collapsed or spiky: still completed runs, with their values
+            status, cause = end_of_run_status(
+                units,
+                self.recipe.model.num_latent_per_group,
+                self.tracker.loss_spikes,
+                self.step,
+                self.cfg.collapse_fraction,
+                self.cfg.spiky_fraction,
+            )
         summary = RunSummary(
             status=status,
             cause=cause,

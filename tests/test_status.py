@@ -15,6 +15,9 @@ WRITTEN = {
     "completed",
     "pruned",
     "diverged",
+    "exploded",
+    "collapsed",
+    "spiky",
     "failed",
     "invalid",
     "over_memory",
@@ -37,7 +40,7 @@ def test_every_status_is_written_as_its_plain_string() -> None:
 
 
 def test_a_status_read_back_from_a_file_is_the_member() -> None:
-    outcome = TrialOutcome({"status": json.loads('"diverged"')}, None)
+    outcome = TrialOutcome.from_attrs({"status": json.loads('"diverged"')})
     assert outcome.status is TrialStatus.DIVERGED
     assert {"diverged": 1}[TrialStatus.DIVERGED] == 1 and {TrialStatus.PRUNED: 1}["pruned"] == 1
 

@@ -8,7 +8,7 @@ one list of commands, in the order ``--help`` shows them.
 
 from __future__ import annotations
 
-from . import bench_commands, general, recipe_commands, run_commands, study_commands
+from . import bench_commands, general, recipe_commands, replay_commands, run_commands, study_commands
 from .common import app, bench_app
 
 __all__ = ["app", "main"]
@@ -25,6 +25,7 @@ for _name, _command in (
     ("search", study_commands.search),
     ("report", study_commands.report),
     ("repeat", study_commands.repeat),
+    ("replay-pruner", replay_commands.replay_pruner),
     ("ls", general.list_command),
     ("cp", general.copy_command),
     ("reconstruct", run_commands.reconstruct),

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ..config_io import ConfigError
-from ..status import TrialStatus
+from ..status import BROKE
 from .common import (
     JsonOption,
     SetOption,
@@ -51,7 +51,7 @@ def train(
             if launched_by_torchrun():
                 rank, result = train_under_torchrun(loaded, run_dir, resume=resume, device=device)
                 if rank != 0:  # rank 0 prints the summary
-                    raise typer.Exit(3 if result.status == TrialStatus.DIVERGED else 0)
+                    raise typer.Exit(3 if result.status in BROKE else 0)
             elif workers > 1:
                 from ..distributed import train_data_parallel
 
@@ -67,7 +67,7 @@ def train(
         fail_user(err)
     summary = result.to_dict()
     _console().print(run_summary_table(summary))
-    if summary["status"] == TrialStatus.DIVERGED:
+    if summary["status"] in BROKE:  # diverged or exploded
         raise typer.Exit(3)
 
 

@@ -121,6 +121,7 @@ def profile_table(report: dict[str, Any]) -> Table:
 
 def run_summary_table(summary: dict[str, Any]) -> Table:
     colours = {TrialStatus.COMPLETED: "green", TrialStatus.DIVERGED: "red", TrialStatus.STOPPED: "yellow"}
+    colours |= {TrialStatus.EXPLODED: "red", TrialStatus.COLLAPSED: "magenta", TrialStatus.SPIKY: "yellow"}
     colour = colours.get(summary["status"], "white")
     table = Table(title=f"run {summary['out_dir']}", box=box.SIMPLE_HEAD, show_header=False)
     table.add_column("", style="bold")

@@ -308,6 +308,31 @@ class TrainConfig(Strict):
     )
     max_skipped_steps: int = Field(20, ge=1, description="With nonfinite=skip, diverged after this many in a row.")
     spike_factor: float = Field(3.0, gt=1, description="A loss above factor × its running median counts as a spike.")
+    explode_factor: float | None = Field(
+        2.0,
+        gt=1,
+        description="The run stops as exploded at a logged NELBO above factor × the lowest NELBO logged before it "
+        "(healthy runs stay within 1.2×; null: never).",
+    )
+    explode_patience: int = Field(
+        1,
+        ge=1,
+        description="Logged NELBOs in a row above explode_factor × the lowest before the run counts as exploded: "
+        "2 spares runs that spike once and recover (the tiny recipe at lr 1 spikes 2.2× at step 5, then trains).",
+    )
+    collapse_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="A run that trained to its end is collapsed when fewer than this fraction of its latent units "
+        "are active (KL > 0.1 nats) at its last log step; it keeps its objective values.",
+    )
+    spiky_fraction: float = Field(
+        0.02,
+        ge=0,
+        description="A run that trained to its end is spiky when more than this fraction of its steps were loss "
+        "spikes (see spike_factor); it keeps its objective values. Collapsed takes precedence.",
+    )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of weights used for evaluation.")
     log_every: int = Field(10, ge=1)
     eval_every_epochs: int | None = Field(None, ge=1)

@@ -21,6 +21,7 @@ __all__ = [
     "RayConfig",
     "Repeats",
     "SamplerConfig",
+    "SeedAggregate",
     "StudyConfig",
     "TPESamplerConfig",
     "storage_form_problem",
@@ -47,6 +48,18 @@ class Objective(Strict):
     direction: Literal["minimize", "maximize"] = "minimize"
 
 
+class SeedAggregate(Strict):
+    """Each trial trains its configuration on several seeds; its objective values aggregate them."""
+
+    seeds: int = Field(ge=2, le=100, description="Seeds per trial: train.seed s, s+1, ... from the trial's seed.")
+    how: Literal["mean", "worst", "mean_plus_std"] = Field(
+        "mean",
+        description="mean; worst (the highest of a minimised objective, the lowest of a maximised one); "
+        "mean_plus_std (mean + k x std for a minimised objective, mean - k x std for a maximised one).",
+    )
+    k: float = Field(1.0, ge=0, description="The std multiple of mean_plus_std.")
+
+
 class StudyConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100, description="Folder runs/<name>/.")
     objectives: list[Objective] = Field(
@@ -59,6 +72,12 @@ class StudyConfig(Strict):
     seed: int = 0
     enqueue: list[dict[str, Any]] = Field(
         default_factory=list, description="Warm-start points {parameter name: value}; unset parameters are sampled."
+    )
+
+    aggregate: SeedAggregate | None = Field(
+        None,
+        description="Train each trial's configuration on several seeds (sub-runs seed_<s>/ of the trial) and "
+        "aggregate its objectives over them; a seed that diverges or explodes fails the whole configuration.",
     )
 
     @field_validator("objectives")
@@ -199,8 +218,37 @@ class ThresholdPrunerConfig(Strict):
         return self
 
 
+class InstabilityPrunerConfig(Strict):
+    """Stops a trial whose reports show it breaking: ``patience`` consecutive reports with the gradient norm above
+    grad_factor x its median over the first baseline_steps steps, or the NELBO above nelbo_factor x its lowest
+    so far (or a non-finite NELBO or gradient norm). Needs no other trials; `nvae-search replay-pruner STUDY`
+    measures it on a finished study."""
+
+    type: Literal["instability"]
+    grad_factor: float | None = Field(
+        10.0, gt=1, description="Gradient norm above this x its early median is unstable (null: off)."
+    )
+    nelbo_factor: float | None = Field(
+        1.5, gt=1, description="NELBO above this x its lowest reported value is unstable (null: off)."
+    )
+    baseline_steps: int = Field(5, ge=1, description="Reports up to this step form the gradient-norm baseline.")
+    patience: int = Field(2, ge=1, description="Consecutive unstable reports that stop the trial.")
+    n_warmup_steps: int = Field(0, ge=0, description="Training steps before it may stop a trial.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> InstabilityPrunerConfig:
+        if self.grad_factor is None and self.nelbo_factor is None:
+            raise ValueError("set grad_factor, nelbo_factor or both: with neither the pruner never stops a trial")
+        return self
+
+
 PrunerConfig = Annotated[
-    NoPrunerConfig | MedianPrunerConfig | SuccessiveHalvingPrunerConfig | HyperbandPrunerConfig | ThresholdPrunerConfig,
+    NoPrunerConfig
+    | MedianPrunerConfig
+    | SuccessiveHalvingPrunerConfig
+    | HyperbandPrunerConfig
+    | ThresholdPrunerConfig
+    | InstabilityPrunerConfig,
     Field(discriminator="type"),
 ]
 

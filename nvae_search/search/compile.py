@@ -294,4 +294,5 @@ def make_pruner(space: Space) -> optuna.pruners.BasePruner:
         )
     if cfg.type == "threshold":
         return optuna.pruners.ThresholdPruner(lower=cfg.lower, upper=cfg.upper, n_warmup_steps=cfg.n_warmup_steps)
+    # none, and instability: a rule over the logged metrics (grad norm too) that the backends apply themselves
     return optuna.pruners.NopPruner()

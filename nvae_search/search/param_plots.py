@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..spaces import Space
-from ..status import TrialStatus
+from ..status import BROKE, WITH_VALUE, TrialStatus
 from .plots import COLOURS, axis_label, legend_below_title, log_ticks, no_completed_trials, plot_outcomes, wide_range
 from .report_rows import RUN_STATUSES, Run, finite, fmt_num, fmt_value
 
@@ -67,7 +67,7 @@ def _padded(lo: float, hi: float, log: bool, frac: float = 0.04) -> tuple[float,
 def _tally(members: Sequence[Run], rates: list[float], counts: list[int]) -> None:
     """Append the run count and the divergence rate of one parameter value (or bin)."""
     counts.append(len(members))
-    bad = sum(r.status in (TrialStatus.DIVERGED, TrialStatus.FAILED) for r in members)
+    bad = sum(r.status in BROKE | {TrialStatus.FAILED} for r in members)
     rates.append(bad / len(members) if members else 0.0)
 
 
@@ -100,9 +100,7 @@ def plot_params(
     fig = plt.figure(figsize=(max(4.5 * ncols, 8.5), 0.9 + 4.3 * nrows), layout="constrained")
     subfigs = fig.subfigures(nrows, ncols, squeeze=False, wspace=0.03, hspace=0.04)
     rng = np.random.default_rng(0)
-    all_done = [
-        v for r in study_runs if r.status == TrialStatus.COMPLETED and (v := finite(r.objectives[0])) is not None
-    ]
+    all_done = [v for r in study_runs if r.status in WITH_VALUE and (v := finite(r.objectives[0])) is not None]
     log_y = wide_range(all_done)
     tops: list[Axes] = []
     if not param_names:
@@ -124,11 +122,9 @@ def plot_params(
         kind, log, choices = _param_info(study_runs, distributions, name)
         have = [r for r in study_runs if name in r.params]
         done = [
-            (r.params[name], v)
-            for r in have
-            if r.status == TrialStatus.COMPLETED and (v := finite(r.objectives[0])) is not None
+            (r.params[name], v) for r in have if r.status in WITH_VALUE and (v := finite(r.objectives[0])) is not None
         ]
-        diverged = [r.params[name] for r in have if r.status in (TrialStatus.DIVERGED, TrialStatus.FAILED)]
+        diverged = [r.params[name] for r in have if r.status in BROKE | {TrialStatus.FAILED}]
         if log_y:
             top.set_yscale("log")
             log_ticks(top, "y")

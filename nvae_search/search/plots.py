@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..spaces import Space
-from ..status import TrialStatus
+from ..status import BROKE, WITH_VALUE, TrialStatus
 from .report_rows import STATUS_ORDER, Run, finite, fmt_num, unit_of
 
 if TYPE_CHECKING:
@@ -128,16 +128,14 @@ def plot_history(path: Path, runs: Sequence[Run], space: Space, unit: str, title
     )
     for i, (ax, objective) in enumerate(zip(axes[:, 0], objectives, strict=True)):
         done = sorted(
-            (r.trial, v)
-            for r in study_runs
-            if r.status == TrialStatus.COMPLETED and (v := finite(r.objectives[i])) is not None
+            (r.trial, v) for r in study_runs if r.status in WITH_VALUE and (v := finite(r.objectives[i])) is not None
         )
         pruned = [
             (r.trial, v)
             for r in study_runs
             if r.status == TrialStatus.PRUNED and i == 0 and (v := finite(r.objectives[0])) is not None
         ]
-        diverged = [r.trial for r in study_runs if r.status in (TrialStatus.DIVERGED, TrialStatus.FAILED)]
+        diverged = [r.trial for r in study_runs if r.status in BROKE | {TrialStatus.FAILED}]
         if done:
             xs, ys = zip(*done, strict=True)
             ax.scatter(xs, ys, color=COLOURS["completed"], s=30, zorder=3, label="completed")
@@ -184,7 +182,7 @@ def plot_pareto(path: Path, study: optuna.Study, runs: Sequence[Run], space: Spa
         (r.trial, x, y)
         for r in runs
         if r.source == "study"
-        and r.status == TrialStatus.COMPLETED
+        and r.status in WITH_VALUE
         and (x := finite(r.objectives[0])) is not None
         and (y := finite(r.objectives[1])) is not None
     ]
@@ -297,7 +295,11 @@ def plot_stability(path: Path, configs: Sequence[Mapping[str, Any]], space: Spac
                 color=COLOURS["diverged"],
             )
         right.barh(y, c["divergence_rate"], color=COLOURS["rate"], alpha=0.75, height=0.55)
-        right.text(min(c["divergence_rate"], 1.0) + 0.03, y, f"{c['diverged']}/{c['runs']}", va="center", fontsize=8)
+        if c.get("divergence_ci_low") is not None:  # the 95 % Wilson interval over the finished seeds
+            rate, low, high = c["divergence_rate"], c["divergence_ci_low"], c["divergence_ci_high"]
+            right.errorbar(rate, y, xerr=[[rate - low], [high - rate]], fmt="none", ecolor="#333333", capsize=3)
+        at = max(c["divergence_rate"], c.get("divergence_ci_high") or 0.0)  # right of the interval's bar
+        right.text(min(at, 1.0) + 0.03, y, f"{c['diverged']}/{c['finished']}", va="center", fontsize=8)
     if configs:
         left.set_yticks(ys)
         left.set_yticklabels(labels, fontsize=8)
@@ -316,7 +318,7 @@ def plot_stability(path: Path, configs: Sequence[Mapping[str, Any]], space: Spac
         f"{axis_label(objective.metric, unit, objective.direction)}: mean ± std over completed runs", fontsize=9
     )
     left.grid(axis="x", alpha=0.3)
-    right.set_xlabel("divergence rate (diverged / runs)", fontsize=9)
+    right.set_xlabel("divergence rate, 95% CI\n(diverged or exploded / finished)", fontsize=9)
     right.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{title}: seed stability per configuration", fontsize=12)
     legend_below_title(fig, [left])

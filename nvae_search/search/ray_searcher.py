@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..status import TrialStatus
+from ..status import BROKE, WITH_VALUE, TrialStatus
 from .storage import open_storage, trial_id
 from .trial import OUTCOME_KEYS
 
@@ -96,14 +96,14 @@ def _final_state(result: Mapping[str, Any], attrs: dict[str, Any]) -> tuple[Any,
     if result.get("invalid") or status == TrialStatus.INVALID:
         attrs["status"] = TrialStatus.OVER_MEMORY if status == TrialStatus.OVER_MEMORY else TrialStatus.INVALID
         return TrialState.PRUNED, None
-    if result.get("diverged") or status == TrialStatus.DIVERGED:
-        attrs["status"] = TrialStatus.DIVERGED
+    if result.get("diverged") or status in BROKE:
+        attrs["status"] = status if status in BROKE else TrialStatus.DIVERGED
         return TrialState.FAIL, None
     if status == TrialStatus.STOPPED:
         attrs["status"] = TrialStatus.PRUNED
         return TrialState.PRUNED, None
     values = result.get("objective")
-    if status == TrialStatus.COMPLETED and isinstance(values, (list, tuple)) and values:
+    if status in WITH_VALUE and isinstance(values, (list, tuple)) and values:
         floats = [float(v) for v in values]
         if all(math.isfinite(v) for v in floats):
             return TrialState.COMPLETE, (floats[0] if len(floats) == 1 else floats)

@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..config_io import atomic_write_text
 from ..rundir import TRIALS_DIR
-from ..status import TrialStatus
+from ..status import BROKE, TrialStatus
+from .instability import with_instability
 from .ray_searcher import METRIC, PLACEHOLDER
 from .retention import CHECKPOINT_FILE as CHECKPOINT_NAME
 from .retention import RAY_TRIAL_PREFIX as TRIAL_PREFIX
-from .trial import InvalidCombination, config_id, outcome_from_summary
+from .seeds import run_configuration
+from .trial import InvalidCombination, TrialOutcome, config_id, outcome_from_summary
 
 if TYPE_CHECKING:
     from ..schema import Recipe
@@ -207,6 +209,44 @@ def _prepare_worker() -> None:
         os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = str(STOP_GRACE_S)
 
 
+def _train_seeds(
+    space: Space, values: Mapping[str, Any], run_dir: Path, driver_cwd: str, reporter: _Reporter, ident: dict[str, Any]
+) -> None:
+    """A trial of a study with ``study.aggregate``: its seeds one after the other in this worker (no data-parallel
+    workers, no Ray checkpoints: a restarted trial reuses its finished seeds and resumes the others from their own
+    checkpoints), then the final result with the aggregated values."""
+    from ray import tune
+
+    from ..train import TrainingDiverged, train
+
+    def train_one(seed_values: Mapping[str, Any], seed_dir: Path, report: Any, resume: bool) -> TrialOutcome:
+        start = time.perf_counter()
+        on_report, instability = with_instability(space, report)  # a fresh rule per seed run
+        try:
+            recipe = trial_recipe(space, seed_values, driver_cwd)
+            summary = train(recipe, seed_dir, resume=resume, reporter=on_report)
+        except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome
+            return TrialOutcome(status=TrialStatus.DIVERGED, cause=str(err), run_dir=str(seed_dir))
+        outcome = outcome_from_summary(space, summary, seed_values, time.perf_counter() - start)
+        outcome.cause = instability() or outcome.cause
+        return outcome
+
+    outcome = run_configuration(space, values, run_dir, train_one, reporter)
+    if reporter.stopped:
+        raise SystemExit(0)  # stopped by Ray (see ray_trial)
+    last = outcome.train_nelbo
+    tune.report(
+        _final(
+            ident,
+            outcome.attrs,
+            **{METRIC: last if last is not None and math.isfinite(last) else PLACEHOLDER},
+            step=outcome.steps,
+            diverged=int(outcome.status in BROKE),
+            objective=outcome.values,
+        )
+    )
+
+
 def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cwd: str) -> None:
     """One Ray Tune trial: train the configuration in ``<study>/trials/ray_<trial id>/`` and report."""
     from ray import tune
@@ -242,8 +282,11 @@ def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cw
         return earlier_s + time.perf_counter() - start
 
     reporter = _Reporter(run_dir, ident, unit_for(recipe.model.output.distribution), reported_step, trial_s)
+    if space.study.aggregate is not None:  # objectives over seeds: the driver shared with the Optuna backend
+        return _train_seeds(space, values, run_dir, driver_cwd, reporter, ident)
+    on_report, instability = with_instability(space, reporter)  # the study's instability pruner, if any
     try:
-        summary = _train(space, recipe, run_dir, resume, reporter)
+        summary = _train(space, recipe, run_dir, resume, on_report)  # type: ignore[arg-type]
     except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome, not a Ray error to retry
         outcome = {**ident, "status": TrialStatus.DIVERGED, "cause": str(err), "trial_s": trial_s()}
         tune.report(_final(ident, outcome, diverged=1))
@@ -253,6 +296,7 @@ def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cw
         # a normal return would make Tune report once more, and that report would never be consumed.
         raise SystemExit(0)
     outcome_obj = outcome_from_summary(space, summary, values, trial_s())
+    outcome_obj.cause = instability() or outcome_obj.cause
     attrs = outcome_obj.attrs
     last = summary.train_nelbo
     tune.report(
@@ -261,7 +305,7 @@ def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cw
             attrs,
             **{METRIC: last if last is not None and math.isfinite(last) else PLACEHOLDER},
             step=summary.steps,
-            diverged=int(attrs["status"] == TrialStatus.DIVERGED),
+            diverged=int(attrs["status"] in BROKE),
             objective=outcome_obj.values,
         )
     )

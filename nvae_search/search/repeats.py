@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, atomic_write_text
 from ..status import TrialStatus
-from .report_rows import RepeatJob, plan_repeats, study_rows
+from .report_rows import REPEAT_DONE_STATUSES, RepeatJob, plan_repeats, study_rows
 from .runner import run_trial
 from .trial import InvalidCombination, load_study
 
@@ -77,7 +77,7 @@ def run_one(space: Space, job: RepeatJob) -> str:
     resume = _prepare(job)
     (job.run_dir / FAILED_FILE).unlink(missing_ok=True)
     outcome = run_trial(space, job.values, job.run_dir, resume=resume)
-    if outcome.status in (TrialStatus.COMPLETED, TrialStatus.DIVERGED):
+    if outcome.status in REPEAT_DONE_STATUSES:
         _drop_checkpoint(space, job)
     return outcome.status
 

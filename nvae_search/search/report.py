@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..spaces import Space
-from ..status import TrialStatus
+from ..status import WITH_VALUE, TrialStatus
 from .param_plots import plot_params
 from .plots import plot_history, plot_pareto, plot_stability
 from .report_rows import (
@@ -46,6 +46,7 @@ from .report_rows import (
     study_rows,
 )
 from .report_tables import configs_table, importance_tables, leaderboard_tables, objective_headers
+from .trajectories import plot_trajectories
 from .trial import OUTCOME_KEYS, load_study
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def _importances(
     import optuna
 
     objectives = space.study.objectives
-    done = [r for r in rows if r.source == "study" and r.status == TrialStatus.COMPLETED]
+    done = [r for r in rows if r.source == "study" and r.status in WITH_VALUE]
     meta: dict[str, Any] = {"evaluator": None, "completed_trials": len(done), "skipped": None}
     if len(done) < 2:
         meta["skipped"] = f"needs at least 2 completed trials, the study has {len(done)}"
@@ -171,12 +172,19 @@ def _write_tables(
         "completed",
         "pruned",
         "diverged",
+        "exploded",
+        "collapsed",
+        "spiky",
+        "finished",
         "failed",
         "mean",
         "std",
         "min",
         "max",
         "divergence_rate",
+        "divergence_ci_low",
+        "divergence_ci_high",
+        "median_divergence_step",
         "grad_norm_max_mean",
         "loss_spikes_mean",
         "repeat_runs",
@@ -274,6 +282,7 @@ def build_report(study_dir: str | Path, *, console: Console | None = None) -> Re
         ("history.png", lambda p: plot_history(p, rows, space, unit, space.study.name)),
         ("params.png", lambda p: plot_params(p, study, rows, space, unit, space.study.name, param_names, short)),
         ("stability.png", lambda p: plot_stability(p, configs, space, unit, space.study.name)),
+        ("trajectories.png", lambda p: plot_trajectories(p, rows, unit, space.study.name)),
     ]
     if len(objectives) >= 2:
         plots.append(("pareto.png", lambda p: plot_pareto(p, study, rows, space, unit, space.study.name)))

@@ -17,7 +17,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..spaces import Space
-from ..status import TrialStatus
+from ..status import BROKE, WITH_VALUE, TrialStatus
+from .trajectories import wilson_interval
 from .trial import OUTCOME_KEYS, TrialOutcome, config_id, outcome_from_summary
 
 if TYPE_CHECKING:
@@ -27,7 +28,10 @@ REPEATS_DIR = "repeats"
 # The leaderboard's order of statuses: trained runs first, then what never trained or has not finished.
 STATUS_ORDER = (
     TrialStatus.COMPLETED,
+    TrialStatus.SPIKY,
+    TrialStatus.COLLAPSED,
     TrialStatus.PRUNED,
+    TrialStatus.EXPLODED,
     TrialStatus.DIVERGED,
     TrialStatus.FAILED,
     TrialStatus.INVALID,
@@ -37,7 +41,9 @@ STATUS_ORDER = (
     TrialStatus.WAITING,
 )
 # trained: they count as runs
-RUN_STATUSES = frozenset({TrialStatus.COMPLETED, TrialStatus.PRUNED, TrialStatus.DIVERGED, TrialStatus.FAILED})
+RUN_STATUSES = WITH_VALUE | BROKE | {TrialStatus.PRUNED, TrialStatus.FAILED}
+# finished seeds: the denominator of a configuration's divergence rate (pruned and failed runs say nothing)
+FINISHED_STATUSES = WITH_VALUE | BROKE
 SEED_PARAM = "train.seed"
 
 
@@ -150,13 +156,13 @@ def _status(trial: optuna.trial.FrozenTrial) -> TrialStatus:
     if attrs.get("interrupted") or recorded == TrialStatus.INTERRUPTED:
         return TrialStatus.INTERRUPTED
     if trial.state == TrialState.COMPLETE:
-        return TrialStatus.COMPLETED
+        return TrialStatus(recorded) if recorded in WITH_VALUE else TrialStatus.COMPLETED
     if trial.state == TrialState.PRUNED:
         return (
             TrialStatus(recorded) if recorded in (TrialStatus.INVALID, TrialStatus.OVER_MEMORY) else TrialStatus.PRUNED
         )
     if trial.state == TrialState.FAIL:
-        return TrialStatus(recorded) if recorded in (TrialStatus.DIVERGED, TrialStatus.INVALID) else TrialStatus.FAILED
+        return TrialStatus(recorded) if recorded in BROKE | {TrialStatus.INVALID} else TrialStatus.FAILED
     return TrialStatus.RUNNING if trial.state == TrialState.RUNNING else TrialStatus.WAITING
 
 
@@ -237,8 +243,9 @@ def sort_key(direction: str) -> Callable[[Run], tuple[Any, ...]]:
 
     def key(run: Run) -> tuple[Any, ...]:
         group = STATUS_ORDER.index(run.status) if run.status in STATUS_ORDER else len(STATUS_ORDER)
+        group = 0 if run.status in WITH_VALUE else group  # collapsed and spiky runs rank by their values too
         first = finite(run.objectives[0]) if run.objectives else None
-        score = sign * first if run.status == TrialStatus.COMPLETED and first is not None else math.inf
+        score = sign * first if run.status in WITH_VALUE and first is not None else math.inf
         trial = run.trial if run.trial is not None else math.inf
         seed = run.seed if isinstance(run.seed, (int, float)) else math.inf
         return (group, score, trial, seed)
@@ -269,16 +276,14 @@ class RepeatPlan:
 
 
 # a stopped repeat was cut off: it is resumed
-REPEAT_DONE_STATUSES = frozenset({TrialStatus.COMPLETED, TrialStatus.DIVERGED})
+REPEAT_DONE_STATUSES = WITH_VALUE | BROKE
 
 
 def _top_configs(rows: Sequence[Run], k: int, direction: str) -> list[Run]:
     """The best completed trial of each of the k best configurations (by the first objective)."""
     best: dict[str, Run] = {}
     key = sort_key(direction)
-    for run in sorted(
-        (r for r in rows if r.status == TrialStatus.COMPLETED and r.config and r.values is not None), key=key
-    ):
+    for run in sorted((r for r in rows if r.status in WITH_VALUE and r.config and r.values is not None), key=key):
         best.setdefault(run.config, run)  # type: ignore[arg-type]
     return list(best.values())[:k]
 
@@ -362,10 +367,13 @@ def config_table(rows: Sequence[Run], direction: str, short: Mapping[str, str]) 
     shown = varying or names
     out = []
     for cid, runs in multi.items():
-        done = [x for r in runs if r.status == TrialStatus.COMPLETED and (x := finite(r.objectives[0])) is not None]
+        done = [x for r in runs if r.status in WITH_VALUE and (x := finite(r.objectives[0])) is not None]
         grads = [x for r in runs if (x := finite(r.attrs.get("grad_norm_max"))) is not None]
         spikes = [x for r in runs if (x := finite(r.attrs.get("loss_spikes"))) is not None]
-        diverged = sum(r.status == TrialStatus.DIVERGED for r in runs)
+        diverged = sum(r.status in BROKE for r in runs)  # diverged or exploded
+        finished = sum(r.status in FINISHED_STATUSES for r in runs)
+        broke_at = [s for r in runs if r.status in BROKE and isinstance(s := r.attrs.get("diverged_step"), int)]
+        ci = wilson_interval(diverged, finished)
         params = params_of[cid]
         out.append(
             {
@@ -376,13 +384,20 @@ def config_table(rows: Sequence[Run], direction: str, short: Mapping[str, str]) 
                 "completed": len(done),
                 "pruned": sum(r.status == TrialStatus.PRUNED for r in runs),
                 "diverged": diverged,
+                "exploded": sum(r.status == TrialStatus.EXPLODED for r in runs),
+                "collapsed": sum(r.status == TrialStatus.COLLAPSED for r in runs),
+                "spiky": sum(r.status == TrialStatus.SPIKY for r in runs),
+                "finished": finished,
                 "failed": sum(r.status == TrialStatus.FAILED for r in runs),
                 "mean": statistics.fmean(done) if done else None,
                 "std": statistics.stdev(done) if len(done) >= 2 else None,
                 "min": min(done) if done else None,
                 "max": max(done) if done else None,
                 "objective_values": done,
-                "divergence_rate": diverged / len(runs),
+                "divergence_rate": diverged / finished if finished else 0.0,
+                "divergence_ci_low": ci[0] if ci else None,  # 95 % Wilson interval over the finished seeds
+                "divergence_ci_high": ci[1] if ci else None,
+                "median_divergence_step": statistics.median(broke_at) if broke_at else None,
                 "grad_norm_max_mean": statistics.fmean(grads) if grads else None,
                 "loss_spikes_mean": statistics.fmean(spikes) if spikes else None,
                 "trials": [r.trial for r in runs if r.trial is not None],

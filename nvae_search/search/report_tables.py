@@ -16,7 +16,10 @@ from .report_rows import Run, fmt_count, fmt_num, fmt_value, unit_of
 
 STATUS_STYLE = {
     TrialStatus.COMPLETED: "green",
+    TrialStatus.SPIKY: "dark_orange",
+    TrialStatus.COLLAPSED: "magenta",
     TrialStatus.PRUNED: "yellow",
+    TrialStatus.EXPLODED: "bold red",
     TrialStatus.DIVERGED: "bold red",
     TrialStatus.FAILED: "red",
     TrialStatus.INVALID: "dim",
@@ -149,7 +152,7 @@ def configs_table(console: Console, configs: Sequence[Mapping[str, Any]], header
         table.add_column(
             Text(f"{metric}{f' [{unit}]' if unit else ''} {arrow}\nmean ± std"), justify="right", no_wrap=True
         )
-        table.add_column("diverged", justify="right", no_wrap=True)
+        table.add_column("diverged or exploded\n(rate, 95% CI)", justify="right", no_wrap=True)
         table.add_column("mean\nmax‖g‖", justify="right", no_wrap=True)
         table.add_column("mean\nspikes", justify="right", no_wrap=True)
         for c in configs:
@@ -159,8 +162,14 @@ def configs_table(console: Console, configs: Sequence[Mapping[str, Any]], header
                 std = f" ± {fmt_num(c['std'])}" if c["std"] is not None else " (1 run)"
                 objective = Text(fmt_num(c["mean"], 4) + std)
             rate = c["divergence_rate"]
+            ci = (
+                f", {c['divergence_ci_low']:.0%}-{c['divergence_ci_high']:.0%}"
+                if c["divergence_ci_low"] is not None
+                else ""
+            )
+            step = f"\nmedian step {c['median_divergence_step']:g}" if c["median_divergence_step"] is not None else ""
             div = Text(
-                f"{c['diverged']}/{c['runs']} ({rate:.0%})",
+                f"{c['diverged']}/{c['finished']} ({rate:.0%}{ci}){step}",
                 style="bold red" if rate >= 0.5 else "red" if rate > 0 else "green",
             )
             runs = f"{c['runs']}" + (f" ({c['repeat_runs']} rep)" if c["repeat_runs"] else "")

@@ -74,7 +74,7 @@ def _trial_dir(study_dir: Path, trial: optuna.trial.FrozenTrial) -> Path | None:
 
 
 def _checkpoint_files(study_dir: Path, run_dir: Path) -> list[Path]:
-    files = [run_dir / CHECKPOINT_FILE]
+    files = [run_dir / CHECKPOINT_FILE, *sorted(run_dir.glob(f"seed_*/{CHECKPOINT_FILE}"))]  # study.aggregate
     if run_dir.name.startswith(RAY_TRIAL_PREFIX):
         # Ray keeps its own copies of the trial's checkpoint (a folder per report) under ray/<experiment>/.
         trial_id = run_dir.name.removeprefix(RAY_TRIAL_PREFIX)

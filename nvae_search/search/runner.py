@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 from ..config_io import ConfigError, atomic_write_text
 from ..rundir import TRIALS_DIR
 from ..spaces import Space, apply_params
-from ..status import TrialStatus
+from ..status import BROKE, TrialStatus
 from ..tracking import study_tracking
+from .instability import with_instability
+from .seeds import run_configuration
 from .storage import check_storage, fail_as_interrupted, open_storage, resolve_storage_url, workers_lock
 from .trial import STUDY_FILE, InvalidCombination, TrialDiverged, TrialOutcome, outcome_from_summary
 from .trial import load_study as load_study  # where callers of the Optuna backend have always found it
@@ -40,19 +42,24 @@ def run_trial(
     space: Space,
     values: Mapping[str, Any],
     run_dir: Path,
-    report: Callable[[int, float], bool] | None = None,
+    report: Callable[[int, dict[str, Any]], bool] | None = None,
     resume: bool = False,
 ) -> TrialOutcome:
-    """Train one configuration into ``run_dir``. ``report(step, nelbo)`` returning True stops it as pruned."""
+    """Train one configuration into ``run_dir``. ``report(step, metrics)`` returning True stops it as pruned; so
+    does the study's instability pruner (the outcome's cause then says why)."""
     from ..train import train
 
     start = time.perf_counter()
     quiet = trial_recipe(space, values)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "params.json", json.dumps(dict(values), indent=2, default=str))
-    reporter = None if report is None else (lambda step, metrics: report(step, float(metrics["nelbo"])))
+    # a search trial (one with a reporter) also answers to the instability pruner; seed repeats run to their end
+    reporter, instability = with_instability(space, report) if report is not None else (None, lambda: None)
     summary = train(quiet, run_dir, resume=resume, reporter=reporter)
-    return outcome_from_summary(space, summary, values, time.perf_counter() - start)
+    outcome = outcome_from_summary(space, summary, values, time.perf_counter() - start)
+    if outcome.status == TrialStatus.STOPPED and instability():
+        outcome.cause = instability()
+    return outcome
 
 
 def trial_recipe(space: Space, values: Mapping[str, Any], workers: int = 1, **train_updates: Any) -> Recipe:
@@ -156,6 +163,10 @@ def _enqueue_warm_start(study: optuna.Study, space: Space) -> None:
         study.enqueue_trial(point)
 
 
+def _train_one(space: Space) -> Callable[[Mapping[str, Any], Path, Any, bool], TrialOutcome]:
+    return lambda values, run_dir, report, resume: run_trial(space, values, run_dir, report, resume)
+
+
 def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], Any]:
     """The Optuna objective: sample, train, and turn the outcome into values, PRUNED or FAIL."""
     import optuna
@@ -170,15 +181,16 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
         run_dir = study_dir / TRIALS_DIR / f"{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
 
-        def report(step: int, nelbo: float) -> bool:
+        def report(step: int, metrics: dict[str, Any]) -> bool:
             trial.set_user_attr("progress", step)  # the live view's "step k of n" for running trials
+            nelbo = float(metrics["nelbo"])
             if not can_prune or not math.isfinite(nelbo):
                 return False
             trial.report(nelbo, step)
             return trial.should_prune()
 
         try:
-            outcome = run_trial(space, values, run_dir, report)
+            outcome = run_configuration(space, values, run_dir, _train_one(space), report)  # once, or per seed
         except InvalidCombination as err:
             trial.set_user_attr("status", getattr(err, "status", TrialStatus.INVALID))  # or over_memory
             trial.set_user_attr("cause", str(err))
@@ -187,9 +199,9 @@ def make_objective(space: Space, study_dir: Path) -> Callable[[optuna.Trial], An
             raise optuna.TrialPruned(f"invalid combination: {err}") from None
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)
-        if outcome.status == TrialStatus.DIVERGED:
+        if outcome.status in BROKE:  # diverged or exploded: a failure of the configuration
             raise TrialDiverged(
-                f"trial {trial.number} diverged at step {outcome.attrs['diverged_step']}: {outcome.attrs['cause']}"
+                f"trial {trial.number} {outcome.status} at step {outcome.diverged_step}: {outcome.cause}"
             )
         if outcome.status == TrialStatus.STOPPED:
             trial.set_user_attr("status", TrialStatus.PRUNED)

@@ -11,13 +11,13 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, read_json_mapping
 from ..spaces import Space, load_space
-from ..status import TrialStatus
+from ..status import WITH_VALUE, TrialStatus
 from .storage import open_storage
 
 if TYPE_CHECKING:
@@ -38,31 +38,6 @@ __all__ = [
 ]
 
 STUDY_FILE = "study.json"
-OUTCOME_KEYS = (
-    "status",
-    "cause",
-    "diverged_step",
-    "steps",
-    "grad_norm_max",
-    "grad_norm_mean",
-    "loss_spikes",
-    "skipped_steps",
-    "active_groups",
-    "num_groups",
-    "params",
-    "step_time",
-    "peak_memory",
-    "train_nelbo",
-    "eval_nelbo",
-    "eval_nll",
-    "unit",
-    "train_s",
-    "trial_s",
-    "run_dir",
-    "config_id",
-    "seed",
-    "values",
-)
 
 
 class TrialDiverged(Exception):
@@ -73,14 +48,65 @@ class InvalidCombination(Exception):
     """A sampled combination that the recipe schema rejects."""
 
 
+def _src(source: str | None = None, *, key: str | None = None) -> dict[str, Any]:
+    """The metadata of an outcome field stored as a user attribute named ``key`` (default: the field's name),
+    filled from the run summary's attribute ``source`` (``eval.X``: from its evaluation; None: by the caller)."""
+    return {"source": source, "key": key}
+
+
 @dataclass
 class TrialOutcome:
-    attrs: dict[str, Any]
-    values: list[float] | None  # objective values; None unless the run completed
+    """The outcome of a trial: THE definition of what is stored on it. Every field except ``values`` (the objective
+    values) is an Optuna user attribute (:data:`OUTCOME_KEYS`), which both backends write and the report reads; a
+    new trial metric is a field here (with its RunSummary source) and a field of RunSummary."""
+
+    status: TrialStatus = field(metadata={"source": "status", "key": None})
+    cause: str | None = field(default=None, metadata=_src("cause"))
+    diverged_step: int | None = field(default=None, metadata=_src("diverged_step"))
+    steps: int | None = field(default=None, metadata=_src("steps"))
+    grad_norm_max: float | None = field(default=None, metadata=_src("grad_norm_max"))
+    grad_norm_mean: float | None = field(default=None, metadata=_src("grad_norm_mean"))
+    loss_spikes: int | None = field(default=None, metadata=_src("loss_spikes"))
+    skipped_steps: int | None = field(default=None, metadata=_src("skipped_steps"))
+    active_groups: int | None = field(default=None, metadata=_src("active_groups"))
+    num_groups: int | None = field(default=None, metadata=_src("num_groups"))
+    params: int | None = field(default=None, metadata=_src("params"))
+    step_time: float | None = field(default=None, metadata=_src("step_time_s"))
+    peak_memory: float | None = field(default=None, metadata=_src("peak_memory_mb"))
+    train_nelbo: float | None = field(default=None, metadata=_src("train_nelbo"))
+    eval_nelbo: float | None = field(default=None, metadata=_src("eval.nelbo"))
+    eval_nll: float | None = field(default=None, metadata=_src("eval.nll"))
+    unit: str | None = field(default=None, metadata=_src("unit"))
+    train_s: float | None = field(default=None, metadata=_src("wall_s"))
+    trial_s: float | None = field(default=None, metadata=_src())
+    run_dir: str | None = field(default=None, metadata=_src("out_dir"))
+    config_id: str | None = field(default=None, metadata=_src())
+    seed: Any = field(default=None, metadata=_src())
+    recipe_values: str | None = field(default=None, metadata=_src(key="values"))  # the trial's recipe values as JSON
+    seed_runs: str | None = field(default=None, metadata=_src())  # study.aggregate: JSON list of the seed runs
+    values: list[float] | None = field(default=None, metadata={"stored": False})  # objective values, if any
 
     @property
-    def status(self) -> TrialStatus:
-        return TrialStatus(self.attrs["status"])
+    def attrs(self) -> dict[str, Any]:
+        """The user attributes of the trial (JSON-safe: a non-finite float is written as its string)."""
+        return {_key(f): _jsonable(getattr(self, f.name)) for f in _stored_fields()}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any], values: list[float] | None = None) -> TrialOutcome:
+        """The outcome stored as ``attrs`` (keys it lacks are None, unknown keys are ignored)."""
+        fields_ = {f.name: attrs.get(_key(f)) for f in _stored_fields()}
+        return cls(**{**fields_, "status": TrialStatus(attrs["status"])}, values=values)
+
+
+def _key(f: Field[Any]) -> str:
+    return f.metadata.get("key") or f.name
+
+
+def _stored_fields() -> list[Field[Any]]:
+    return [f for f in fields(TrialOutcome) if f.metadata.get("stored", True)]
+
+
+OUTCOME_KEYS = tuple(_key(f) for f in _stored_fields())
 
 
 def config_id(values: Mapping[str, Any]) -> str:
@@ -103,41 +129,28 @@ def _metric(summary: RunSummary, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _from_summary(summary: RunSummary, source: str) -> Any:
+    if source.startswith("eval."):
+        return (getattr(summary, "eval", None) or {}).get(source[len("eval.") :])
+    return getattr(summary, source, None)
+
+
 def outcome_from_summary(space: Space, summary: RunSummary, values: Mapping[str, Any], trial_s: float) -> TrialOutcome:
-    ev = summary.eval or {}
-    attrs = {
-        "status": TrialStatus(summary.status),
-        "cause": summary.cause,
-        "diverged_step": summary.diverged_step,
-        "steps": summary.steps,
-        "grad_norm_max": summary.grad_norm_max,
-        "grad_norm_mean": summary.grad_norm_mean,
-        "loss_spikes": summary.loss_spikes,
-        "skipped_steps": summary.skipped_steps,
-        "active_groups": summary.active_groups,
-        "num_groups": summary.num_groups,
-        "params": summary.params,
-        "step_time": summary.step_time_s,
-        "peak_memory": summary.peak_memory_mb,
-        "train_nelbo": summary.train_nelbo,
-        "eval_nelbo": ev.get("nelbo"),
-        "eval_nll": ev.get("nll"),
-        "unit": summary.unit,
-        "train_s": summary.wall_s,
-        "trial_s": trial_s,
-        "run_dir": summary.out_dir,
-        "config_id": config_id(values),
-        "seed": values.get("train.seed"),
-        "values": json.dumps(values, default=str),
-    }
-    objective = None
-    if summary.status == TrialStatus.COMPLETED:
+    filled = {f.name: _from_summary(summary, f.metadata["source"]) for f in _stored_fields() if f.metadata["source"]}
+    outcome = TrialOutcome(
+        **{**filled, "status": TrialStatus(summary.status)},
+        trial_s=trial_s,
+        config_id=config_id(values),
+        seed=values.get("train.seed"),
+        recipe_values=json.dumps(values, default=str),
+    )
+    if outcome.status in WITH_VALUE:  # completed, collapsed or spiky: the objective values count
         metrics = [_metric(summary, o.metric) for o in space.study.objectives]
         if all(m is not None and math.isfinite(m) for m in metrics):
-            objective = [float(m) for m in metrics]  # type: ignore[arg-type]
+            outcome.values = [float(m) for m in metrics]  # type: ignore[arg-type]
         else:
-            attrs.update(status=TrialStatus.DIVERGED, cause="non-finite objective at the end of the run")
-    return TrialOutcome({k: _jsonable(v) for k, v in attrs.items()}, objective)
+            outcome.status, outcome.cause = TrialStatus.DIVERGED, "non-finite objective at the end of the run"
+    return outcome
 
 
 def _jsonable(value: Any) -> Any:

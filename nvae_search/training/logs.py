@@ -19,7 +19,7 @@ from ..evaluate import to_unit
 from ..images import make_grid
 from ..model.nvae import NVAE
 from ..schema import Recipe, recipe_to_dict
-from ..status import TrialStatus
+from ..status import BROKE
 from ..telemetry import StabilityTracker, active_units
 from .control import Ranks
 
@@ -141,7 +141,7 @@ class RunLogging:
         hparams = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
         metrics = {
             "hparam/train_nelbo": summary.train_nelbo or float("nan"),
-            "hparam/diverged": float(summary.status == TrialStatus.DIVERGED),
+            "hparam/diverged": float(summary.status in BROKE),
         }
         if summary.eval:
             metrics["hparam/eval_nll"] = summary.eval["nll"]

@@ -75,7 +75,9 @@ class OptimizerStep:
             if cfg.ema_decay
             else None
         )
-        self.tracker = StabilityTracker(spike_factor=cfg.spike_factor)
+        self.tracker = StabilityTracker(
+            spike_factor=cfg.spike_factor, explode_factor=cfg.explode_factor, explode_patience=cfg.explode_patience
+        )
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.autocast_dtype is None:

@@ -1,0 +1,122 @@
+"""Objectives over seeds (``study.aggregate``): a trial trains its configuration on N seeds in sub-runs, its value
+aggregates theirs, and a seed that diverges or explodes fails the whole configuration, in both backends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from test_outcomes import ray_local  # noqa: F401  # a module-scoped local Ray (test_ray.py keeps its own)
+
+from nvae_search.config_io import ConfigError
+from nvae_search.search.report import build_report
+from nvae_search.search.runner import load_study, run_optuna_search
+from nvae_search.search.seeds import aggregate, run_configuration
+from nvae_search.search.trial import TrialOutcome
+from nvae_search.spaces import Space, load_space
+from nvae_search.status import TrialStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
+State = optuna.trial.TrialState
+
+
+def space_doc(name: str, agg: dict[str, Any] | None, lrs: list[float], ray: bool = False) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "base_recipe": str(TINY),
+        "study": {"name": name, "n_trials": len(lrs), "seed": 0, "enqueue": [{"train.learning_rate": x} for x in lrs]},
+        "budget": {"steps": 8, "eval_iw_samples": 2, "eval_images": 32, "report_every_steps": 4},
+        "sampler": {"type": "random"},
+        "pruner": {"type": "median", "n_startup_trials": 5},
+        "space": {"train.learning_rate": {"type": "categorical", "choices": lrs}},
+    }
+    if agg is not None:
+        doc["study"]["aggregate"] = agg
+    if ray:
+        doc["ray"] = {"max_concurrent": 1, "scheduler": {"type": "none"}}
+    return doc
+
+
+def make_space(tmp_path: Path, doc: dict[str, Any]) -> Space:
+    path = tmp_path / f"{doc['study']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_space(path)
+
+
+def test_aggregates_lean_against_the_direction() -> None:
+    values = [100.0, 104.0, 96.0]
+    assert aggregate(values, "mean", 1.0, "minimize") == pytest.approx(100.0)
+    assert aggregate(values, "worst", 1.0, "minimize") == 104.0
+    assert aggregate(values, "worst", 1.0, "maximize") == 96.0
+    assert aggregate(values, "mean_plus_std", 2.0, "minimize") == pytest.approx(108.0)  # std 4
+    assert aggregate(values, "mean_plus_std", 2.0, "maximize") == pytest.approx(92.0)
+
+
+def test_aggregate_needs_two_seeds(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"study\.aggregate\.seeds"):
+        make_space(tmp_path, space_doc("one", {"seeds": 1}, [0.01]))
+
+
+def test_seeds_run_in_sub_runs_report_with_offsets_and_a_failed_seed_ends_the_configuration(tmp_path: Path) -> None:
+    """The driver alone, with a stand-in for training one run: which seeds run, where, with which report steps."""
+    space = make_space(tmp_path, space_doc("driver", {"seeds": 3, "how": "mean"}, [0.01]))
+    calls: list[tuple[int, Path]] = []
+    reported: list[int] = []
+
+    def train_one(values: Mapping[str, Any], run_dir: Path, report: Any, resume: bool) -> TrialOutcome:
+        seed = values["train.seed"]
+        calls.append((seed, run_dir))
+        for step in (1, 4, 8):
+            report(step, {"nelbo": 100.0})
+        if seed == 2:  # the second seed explodes
+            return TrialOutcome(status=TrialStatus.EXPLODED, cause="NELBO 5e4 ...", diverged_step=8, steps=8)
+        return TrialOutcome(status=TrialStatus.COMPLETED, steps=8, values=[100.0 + seed], eval_nelbo=100.0 + seed)
+
+    outcome = run_configuration(space, {"train.seed": 1}, tmp_path / "t", train_one, lambda s, m: reported.append(s))
+    assert calls == [(1, tmp_path / "t" / "seed_1"), (2, tmp_path / "t" / "seed_2")]  # seed 3 never trained
+    assert reported == [1, 4, 8, 9, 12, 16]  # seed i reports at i x budget.steps + step
+    assert outcome.status == TrialStatus.EXPLODED and outcome.values is None
+    assert outcome.cause == "seed 2 of 3: NELBO 5e4 ..." and outcome.steps == 16
+    assert [r["seed"] for r in json.loads(str(outcome.seed_runs))] == [1, 2]
+
+
+@pytest.mark.parametrize("backend", ["optuna", "ray"])
+def test_both_backends_aggregate_over_seeds_and_fail_the_configuration_on_an_exploded_seed(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    doc = space_doc(f"seeds_{backend}", {"seeds": 2, "how": "worst"}, [0.01, 3.0], ray=backend == "ray")
+    doc["budget"]["keep_checkpoints"] = "none"
+    space = make_space(tmp_path, doc)
+    if backend == "ray":
+        request.getfixturevalue("ray_local")
+        from nvae_search.search.ray_backend import run_ray_search
+
+        study_dir = run_ray_search(space, root=tmp_path / "runs")
+    else:
+        study_dir = run_optuna_search(space, root=tmp_path / "runs")
+    study, _, _ = load_study(study_dir)
+    by_lr = {t.params["train.learning_rate"]: t for t in study.trials}
+
+    good = by_lr[0.01]
+    run_dir = Path(good.user_attrs["run_dir"])
+    seeds = [json.loads((run_dir / f"seed_{s}" / "summary.json").read_text()) for s in (1, 2)]  # tiny's seed is 1
+    per_seed = [s["eval"]["nelbo"] for s in seeds]
+    assert good.state == State.COMPLETE and good.value == pytest.approx(max(per_seed))  # worst of the two seeds
+    assert per_seed[0] != per_seed[1] and good.user_attrs["steps"] == 16
+    assert [r["seed"] for r in json.loads(good.user_attrs["seed_runs"])] == [1, 2]
+    if backend == "optuna":  # the second seed's reports come after the first's
+        assert sorted(good.intermediate_values) == [1, 4, 8, 9, 12, 16]
+
+    bad = by_lr[3.0]
+    assert bad.state == State.FAIL and bad.user_attrs["status"] == "exploded"
+    assert bad.user_attrs["cause"].startswith("seed 1 of 2: NELBO")
+    assert not (Path(bad.user_attrs["run_dir"]) / "seed_2").exists()  # the configuration failed on its first seed
+
+    assert not list(study_dir.glob("trials/*/seed_*/checkpoint.pt"))  # keep_checkpoints reaches the seed runs
+    report = build_report(study_dir)
+    assert "trajectories.png" in report.files
