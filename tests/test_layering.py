@@ -27,7 +27,7 @@ TORCH_FREE = {
     "nvae_search.config_io",
     "nvae_search.spaces",
     "nvae_search.schema",
-    *(f"nvae_search.schema.{m}" for m in ("cells", "ops", "recipe", "space_checks", "specs", "study")),
+    *(f"nvae_search.schema.{m}" for m in ("cells", "data", "ops", "recipe", "space_checks", "specs", "study")),
 }
 TORCH = ("torch", "torchvision")
 SEARCH_BACKENDS = ("optuna", "ray")
@@ -249,6 +249,22 @@ def test_the_report_reaches_neither_training_nor_a_search_backend() -> None:
     forbidden = {"nvae_search.train", "nvae_search.search.runner", "nvae_search.search.ray_backend"}
     forbidden |= {"nvae_search.search.repeats", "nvae_search.distributed"}
     assert not reached & forbidden, sorted(reached & forbidden)
+
+
+MAX_MODULE_LINES = 500  # issue 12's rooms: a newcomer reads a module, or a class, in one sitting
+MAX_CLASS_LINES = 250
+
+
+def test_no_module_or_class_outgrows_its_room() -> None:
+    too_big = []
+    for name, path, _pkg in package_modules():
+        source = path.read_text(encoding="utf-8")
+        if (lines := len(source.splitlines())) > MAX_MODULE_LINES:
+            too_big.append(f"module {name}: {lines} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and (size := node.end_lineno - node.lineno + 1) > MAX_CLASS_LINES:
+                too_big.append(f"class {name}.{node.name}: {size} lines")
+    assert not too_big, "\n".join(too_big)
 
 
 def test_the_package_keeps_its_layers() -> None:

@@ -5,7 +5,7 @@ Built from plain arguments (see :class:`NVAEArch`); ``builder.py`` translates a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +71,7 @@ class NVAE(nn.Module):
         p, scales = a.num_preprocess_blocks, a.num_latent_scales
         enc, dec = a.widths_enc, a.widths_dec
         self.stem = Conv2D(a.input_channels, enc[0], 3, padding=1, bias=True, weight_norm=norm.weight_norm)
-        self.pre_process = nn.ModuleList(self._stage_cells(enc, 0, p, a.num_preprocess_cells, "pre"))
+        self.pre_process = nn.ModuleList(_stage_cells(self._cell, enc, 0, p, a.num_preprocess_cells, "pre"))
         self.enc_tower, self.enc_combiners = self._build_encoder()
         top = enc[p + scales - 1]
         self.enc0 = nn.Sequential(nn.ELU(), Conv2D(top, top, 1, bias=True, weight_norm=norm.weight_norm), nn.ELU())
@@ -83,7 +83,7 @@ class NVAE(nn.Module):
             self.stem_decoder = Conv2D(a.latent_per_group, top_dec, 1, bias=True, weight_norm=norm.weight_norm)
         else:
             self.prior_ftr0 = nn.Parameter(torch.rand(top_dec, side, side))
-        self.post_process = nn.ModuleList(self._post_cells())
+        self.post_process = nn.ModuleList(_post_cells(self._cell, a))
         out_c = output_channels(a.output, a.input_channels, a.num_mixtures)
         self.image_conditional = nn.Sequential(
             nn.ELU(), Conv2D(dec[0], out_c, 3, padding=1, bias=True, weight_norm=norm.weight_norm)
@@ -93,27 +93,6 @@ class NVAE(nn.Module):
     # ------------------------------------------------------------------------------------ building
     def _cell(self, c_in: int, c_out: int, stride: int, role: str) -> Cell:
         return Cell(c_in, c_out, stride, self.arch.ops[role], self.arch.use_se, self.arch.norm, role)
-
-    def _stage_cells(self, widths: Sequence[int], first: int, blocks: int, cells: int, kind: str) -> list[Cell]:
-        out = []
-        for b in range(first, first + blocks):
-            for c in range(cells):
-                if c == cells - 1:
-                    out.append(self._cell(widths[b], widths[b + 1], 2, f"down_{kind}"))
-                else:
-                    out.append(self._cell(widths[b], widths[b], 1, f"normal_{kind}"))
-        return out
-
-    def _post_cells(self) -> list[Cell]:
-        a, dec = self.arch, self.arch.widths_dec
-        out = []
-        for b in reversed(range(a.num_postprocess_blocks)):
-            for c in range(a.num_postprocess_cells):
-                if c == 0:
-                    out.append(self._cell(dec[b + 1], dec[b], -1, "up_post"))
-                else:
-                    out.append(self._cell(dec[b], dec[b], 1, "normal_post"))
-        return out
 
     def _build_encoder(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         """Encoder cells per group; a combiner follows each group except the very last (the top one)."""
@@ -321,6 +300,34 @@ class NVAE(nn.Module):
     def batch_norms(self) -> list[nn.Module]:
         """Every batch norm, also after ``nn.SyncBatchNorm.convert_sync_batchnorm`` replaced the class."""
         return [m for m in self.modules() if is_batch_norm(m)]
+
+
+CellMaker = Callable[[int, int, int, str], Cell]  # (channels in, channels out, stride, role) -> cell
+
+
+def _stage_cells(make: CellMaker, widths: Sequence[int], first: int, blocks: int, cells: int, kind: str) -> list[Cell]:
+    """The pre-process cells: ``cells`` per block, the last one of each block halving the resolution."""
+    out = []
+    for b in range(first, first + blocks):
+        for c in range(cells):
+            if c == cells - 1:
+                out.append(make(widths[b], widths[b + 1], 2, f"down_{kind}"))
+            else:
+                out.append(make(widths[b], widths[b], 1, f"normal_{kind}"))
+    return out
+
+
+def _post_cells(make: CellMaker, a: NVAEArch) -> list[Cell]:
+    """The post-process cells: the first one of each block doubles the resolution."""
+    dec = a.widths_dec
+    out = []
+    for b in reversed(range(a.num_postprocess_blocks)):
+        for c in range(a.num_postprocess_cells):
+            if c == 0:
+                out.append(make(dec[b + 1], dec[b], -1, "up_post"))
+            else:
+                out.append(make(dec[b], dec[b], 1, "normal_post"))
+    return out
 
 
 @dataclass
