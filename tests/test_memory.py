@@ -12,6 +12,7 @@ from typer.testing import CliRunner, Result
 
 from nvae_search import memory
 from nvae_search.cli import app
+from nvae_search.profile import STEP_MEMORY, _measure_steps
 from nvae_search.schema import load_recipe
 from nvae_search.search.constraints import OverMemory
 
@@ -80,6 +81,30 @@ def test_prediction_within_15_percent_of_real_tensor_memory_on_cpu() -> None:
     measured = measured_peak_bytes(8)
     assert predicted.device == "cpu" and predicted.batch == 8
     assert abs(predicted.peak_bytes - measured) <= 0.15 * measured, (predicted.peak_bytes, measured)
+
+
+def test_profile_measures_the_step_the_prediction_predicts_and_they_agree() -> None:
+    """`profile` (real tensors, torch's CPU allocator) and the prediction (fake tensors) describe one full step."""
+    args = ["profile", str(TINY), "--batch", "8", "--steps", "1", "--threads", "1", "--json"]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["memory_what"] == f"{STEP_MEMORY}, fp32" and "optimizer step" in STEP_MEMORY
+    for key in ("checkpointing_off", "checkpointing_on"):
+        measured = report[key]["memory"]
+        assert measured["source"].startswith("torch CPU allocator")
+        # The step starts with parameters, buffers, Adamax state and the batch alive: 28k parameters, 3 copies.
+        assert measured["start_bytes"] > 3 * 4 * 27_998
+        assert 0.75 <= measured["predicted_over_measured"] <= 1.25, measured
+    assert report["checkpointing_on"]["memory"]["peak_bytes"] < report["checkpointing_off"]["memory"]["peak_bytes"]
+
+
+def test_prediction_agrees_with_the_allocator_measurement_on_the_cpu_mnist_recipe() -> None:
+    recipe = load_recipe(ROOT / "recipes" / "cpu" / "mnist.yaml")
+    job = {"recipe": recipe.model_dump(mode="json"), "batch": 4, "steps": 1, "threads": None, "device": "cpu"}
+    measured = _measure_steps({**job, "precision": "fp32", "checkpointing": False})["memory"]["peak_bytes"]
+    predicted = memory.predict_step_memory(recipe, batch=4, precision="fp32", checkpointing="off", device="cpu")
+    assert abs(predicted.peak_bytes - measured) <= 0.25 * measured, (predicted.peak_bytes, measured)
 
 
 def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredictor) -> None:
