@@ -121,6 +121,20 @@ def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredict
     assert memory.resolve_precision("auto", "cuda") == "fp16" and memory.resolve_precision("auto", "cpu") == "fp32"
 
 
+def test_the_shape_cache_speeds_up_without_changing_any_figure(tiny_predictor: memory.MemoryPredictor) -> None:
+    settings = [(8, "fp32", "off"), (8, "fp16", "cell")]
+    cache = tiny_predictor.shapes
+    hits = cache.hits
+    cached = [tiny_predictor.predict(*s) for s in settings]
+    assert cache.hits > hits  # replayed ops, not a cache that is never used
+    try:
+        tiny_predictor.shapes = None  # every op through the fake mode
+        plain = [tiny_predictor.predict(*s) for s in settings]
+    finally:
+        tiny_predictor.shapes = cache
+    assert cached == plain
+
+
 def test_largest_batch_fits_and_one_more_does_not(tiny_predictor: memory.MemoryPredictor) -> None:
     base = tiny_predictor.predict(4, "fp32", "off")
     limit = 3 * base.peak_bytes
