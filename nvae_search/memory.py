@@ -82,8 +82,9 @@ class StorageTracker(TorchDispatchMode):
     """Counts the bytes of live tensor storages created by ops run under it, and the peak of their sum.
 
     Storages made before it was entered count only when passed to :meth:`track` (parameters, optimizer state).
-    Also answers data-dependent scalar reads of fake tensors (``int(t)``, ``t.item()``) with 1, since a fake
-    tensor has no value: the only one in a training step picks 40 vs 4 power iterations, which frees the same.
+    Also answers data-dependent scalar reads of fake tensors (``int(t)``, ``t.item()``, ``bool(t)``), since a fake
+    tensor has no value, as a steady step after the first would read them: numbers 1 (the power-iteration counter
+    is past its first call: 4 iterations, not 40), flags False (data-dependent init done, nothing non-finite).
     """
 
     def __init__(self, block_bytes: int = 1, shapes: ShapeCache | None = None) -> None:
@@ -135,7 +136,7 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
-            return True if args[0].dtype == torch.bool else 1
+            return False if args[0].dtype == torch.bool else 1
         kwargs = kwargs or {}
         if func is _DEVICE and type(args[0]) is self._fake_type:
             return args[0].fake_device  # asked by every `.device` (12,000 times a step of a small recipe)
