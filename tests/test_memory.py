@@ -83,6 +83,18 @@ def test_prediction_within_15_percent_of_real_tensor_memory_on_cpu() -> None:
     assert abs(predicted.peak_bytes - measured) <= 0.15 * measured, (predicted.peak_bytes, measured)
 
 
+def test_fake_reads_answer_as_a_steady_step_after_the_first() -> None:
+    """Data-dependent init flags read False (done), counters 1 (past the first call): the figures are a later step's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nvae_search.model.ops import Conv2D
+
+    with FakeTensorMode(), memory.StorageTracker():
+        conv = Conv2D(2, 2, 3, padding=1, data_init=True)
+        # The conv's forward asks this flag: True would rerun the init (and its temporaries) in every step.
+        assert bool(conv.needs_data_init) is False and int(torch.zeros((), dtype=torch.long)) == 1
+
+
 def test_profile_measures_the_step_the_prediction_predicts_and_they_agree() -> None:
     """`profile` (real tensors, torch's CPU allocator) and the prediction (fake tensors) describe one full step."""
     args = ["profile", str(TINY), "--batch", "8", "--steps", "1", "--threads", "1", "--json"]
