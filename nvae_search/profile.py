@@ -6,12 +6,13 @@ answer ``--help`` without torch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -135,22 +136,6 @@ def training_loss(model: NVAE, x: torch.Tensor) -> torch.Tensor:
     return (recon + torch.stack(result.kl).sum(dim=0)).mean()
 
 
-def _synchronize(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_step(model: NVAE, x: torch.Tensor) -> float:
-    model.zero_grad(set_to_none=True)
-    _synchronize(x.device)
-    start = time.perf_counter()
-    training_loss(model, x).backward()
-    _synchronize(x.device)
-    return time.perf_counter() - start
-
-
 def _conv_forward_flops(
     x_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequence[int], transposed: bool
 ) -> int:
@@ -216,66 +201,161 @@ def _ru_maxrss_mib() -> float:
     return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def _rss_baseline_mib() -> float:
-    if _reset_peak_rss():
-        current = _proc_status_mib("VmRSS")
-        if current is not None:
-            return current
-    return _ru_maxrss_mib()
-
-
 def _rss_peak_mib() -> float:
     peak = _proc_status_mib("VmHWM")
     return peak if peak is not None else _ru_maxrss_mib()
 
 
-def _measure_steps(model: NVAE, x: torch.Tensor, steps: int) -> dict[str, Any]:
-    """Median step time and peak memory over ``steps`` forward+backward passes after one warm-up.
+STEP_MEMORY = "peak of one full training step: forward, loss, spectral and BN regularisers, backward, optimizer step"
+_MEASURED = "nvae-search:measured-step"
 
-    A 2-image step first pays the one-time costs (lazy library set-up: ~40 MiB of RSS on CPU, more with
-    checkpointing) that would otherwise swamp the activation memory of small models; the memory baseline is
-    taken after it. Two images, because batch norm needs more than one value per channel at a 1×1 scale.
+
+def _step_state(job: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What the trainer holds during a step: model, regulariser, Adamax (with its state), the input batch, the
+    fp16 gradient scaler and the EMA copy (when the recipe has one). Built as :mod:`nvae_search.memory` simulates."""
+    import copy
+
+    import torch
+
+    from .memory import build_step_parts, init_optimizer_state
+
+    torch.manual_seed(0)
+    recipe = Recipe.model_validate(job["recipe"])
+    device = job["device"]
+    parts = build_step_parts(
+        recipe, job["batch"], job["precision"], job["checkpointing"], foreach=device == "cuda", device=device
+    )
+    parts.x = random_input(recipe.model, job["batch"], torch.device(device))
+    init_optimizer_state(parts)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if job["precision"] == "fp16" else None
+    ema = copy.deepcopy(parts.model) if recipe.train.ema_decay else None  # AveragedModel holds such a copy
+    return parts, scaler, ema
+
+
+def _allocator_peak_bytes(prof: Any) -> tuple[int, int]:
+    """(bytes live at the start of the marked step, peak bytes live during it) in torch's CPU allocator.
+
+    With memory profiling on, the allocator reports every allocation and free together with its running total of
+    bytes allocated since profiling began; everything the step touches was allocated after that, so the total is
+    the process's live tensor memory.
+    """
+    from torch._C._profiler import _EventType
+
+    def walk(nodes: list[Any]) -> Any:
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    nodes = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    mark = next(n for n in nodes if n.name == _MEASURED)
+    allocations = sorted(
+        (n for n in nodes if n.tag == _EventType.Allocation and str(n.extra_fields.device).startswith("cpu")),
+        key=lambda n: n.start_time_ns,
+    )
+    before = [a.extra_fields.total_allocated for a in allocations if a.start_time_ns < mark.start_time_ns]
+    during = [
+        a.extra_fields.total_allocated for a in allocations if mark.start_time_ns <= a.start_time_ns <= mark.end_time_ns
+    ]
+    # The running total is process-wide: blocks from an earlier profiling session that are still alive count in it.
+    offset = allocations[0].extra_fields.total_allocated - allocations[0].extra_fields.alloc_size if allocations else 0
+    start = before[-1] if before else offset
+    return start - offset, max([start, *during]) - offset
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ backend logs its start and stop there (Python errors still
+    propagate as exceptions)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _measure_step_memory(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """Peak memory of one steady training step (after a warm-up step that allocates what every step reuses).
+
+    CUDA: ``max_memory_allocated`` over the step. CPU: torch's CPU allocator statistics, read from the profiler's
+    memory events (the process's RSS also holds library workspaces and freed pages glibc keeps, see docs/gpus.md).
     """
     import torch
 
-    cuda = x.device.type == "cuda"
-    _timed_step(model, x[:2])
-    rss_base = _rss_baseline_mib()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(x.device)
-        cuda_base = torch.cuda.memory_allocated(x.device)
-    _timed_step(model, x)  # warm-up: allocator, kernels, data-dependent init
-    times = [_timed_step(model, x) for _ in range(steps)]
-    rss_delta = max(0.0, _rss_peak_mib() - rss_base)
-    cuda_peak = (torch.cuda.max_memory_allocated(x.device) - cuda_base) / MIB if cuda else None
+    from .memory import training_step
+
+    if job["device"] == "cuda":
+        parts, scaler, ema = _step_state(job)
+        training_step(parts, scaler)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        training_step(parts, scaler)
+        torch.cuda.synchronize()
+        peak, source = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    else:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            parts, scaler, ema = _step_state(job)
+            training_step(parts, scaler)
+            with record_function(_MEASURED):
+                training_step(parts, scaler)
+        start, peak = _allocator_peak_bytes(prof)
+        source = "torch CPU allocator (profiler memory events)"
+    memory = {"what": f"{STEP_MEMORY}, {job['precision']}", "peak_bytes": peak, "start_bytes": start, "source": source}
+    return parts, (scaler, ema), memory
+
+
+def _measure_steps(job: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one full training step, then the median time of ``steps`` more (and their RSS growth)."""
+    import torch
+
+    from .memory import training_step
+
+    rss_base = _proc_status_mib("VmRSS") or _ru_maxrss_mib()  # before anything of the model exists
+    parts, (scaler, _ema), memory = _measure_step_memory(job)
+    _reset_peak_rss()  # the profiler's own buffers are not the step's
+    cuda = job["device"] == "cuda"
+
+    def timed() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        training_step(parts, scaler)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times = [timed() for _ in range(job["steps"])]
+    peak_mib = memory["peak_bytes"] / MIB
     return {
         "step_time_median_s": statistics.median(times),
         "step_times_s": times,
-        "peak_rss_delta_mib": rss_delta,
-        "cuda_peak_mib": cuda_peak,
-        "peak_memory_mib": cuda_peak if cuda else rss_delta,
-        "memory_source": "cuda max_memory_allocated" if cuda else "process RSS high-water mark",
+        "memory": memory,
+        "peak_memory_mib": peak_mib,
+        "cuda_peak_mib": peak_mib if cuda else None,
+        "peak_rss_delta_mib": max(0.0, _rss_peak_mib() - rss_base),
+        "memory_source": memory["source"],
+        "model": parts.model,
+        "x": parts.x,
     }
 
 
 def profile_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a fresh process, so that its peak RSS belongs to one checkpointing setting only."""
+    """Runs in a fresh process, so that its memory figures belong to one checkpointing setting only."""
     import torch
 
-    from .model.builder import build_model
     from .runtime import tune_allocator
-    from .schema import ModelConfig
 
     tune_allocator()  # a spawned process: measure memory and time as `train` runs, with the same allocator
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    torch.manual_seed(0)
-    device = torch.device(job["device"])
-    cfg = ModelConfig.model_validate(job["model"])
-    model = build_model(cfg).to(device).train()
-    model.set_checkpointing(job["checkpointing"])
-    x = random_input(cfg, job["batch"], device)
-    result = _measure_steps(model, x, job["steps"])
+    result = _measure_steps(job)
+    model, x = result.pop("model"), result.pop("x")
     batch = job["batch"]
     result["params"] = count_parameters(model)
     result["flops_fwd_per_image"] = count_flops(model, x, backward=False) / batch
@@ -296,13 +376,27 @@ def _ratio(on: float | None, off: float | None) -> float | None:
     return on / off
 
 
-def profile_report(recipe: Recipe, source: str, runs: dict[str, dict[str, Any]], job: dict[str, Any]) -> dict[str, Any]:
+def profile_report(
+    recipe: Recipe,
+    source: str,
+    runs: dict[str, dict[str, Any]],
+    job: dict[str, Any],
+    predicted: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Both settings side by side; ``predicted`` (peak bytes per setting, ``off``/``on``) puts the prediction of
+    :mod:`nvae_search.memory` for the same step next to each measured peak."""
     off, on = runs["off"], runs["on"]
+    for name, run in runs.items():
+        if predicted and "memory" in run:
+            run["memory"]["predicted_peak_bytes"] = predicted[name]
+            run["memory"]["predicted_over_measured"] = _ratio(predicted[name], run["memory"]["peak_bytes"])
     return {
         "file": source,
         "name": recipe.name,
         "device": job["device"],
         "batch": job["batch"],
+        "precision": job.get("precision", "fp32"),
+        "memory_what": f"{STEP_MEMORY}, {job.get('precision', 'fp32')}",
         "steps": job["steps"],
         "threads": off["threads"],
         "params": off["params"],
@@ -335,19 +429,33 @@ def cpu_contention(threads: int) -> str | None:
     )
 
 
-def profile_recipe(recipe: Recipe, source: str, batch: int, steps: int, threads: int | None) -> dict[str, Any]:
-    """Profile one recipe with gradient checkpointing off and on, each in its own fresh process."""
+def profile_recipe(
+    recipe: Recipe, source: str, batch: int, steps: int, threads: int | None, predict: bool = True
+) -> dict[str, Any]:
+    """Profile one recipe with gradient checkpointing off and on, each in its own fresh process, and (``predict``)
+    put the memory prediction of the same training step next to each measured peak."""
     import torch
+
+    from .memory import MemoryPredictor, resolve_precision
 
     if threads:
         torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     job = {
-        "model": recipe.model.model_dump(mode="json"),
+        "recipe": recipe.model_dump(mode="json"),
         "batch": batch,
         "steps": steps,
         "threads": threads,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": device,
+        "precision": resolve_precision(recipe.model.numerics.precision, device),
     }
-    busy = cpu_contention(threads or torch.get_num_threads()) if job["device"] == "cpu" else None
+    busy = cpu_contention(threads or torch.get_num_threads()) if device == "cpu" else None
     runs = {name: run_isolated({**job, "checkpointing": name == "on"}) for name in ("off", "on")}
-    return {**profile_report(recipe, source, runs, job), "cpu_contention": busy}
+    predicted = None
+    if predict:
+        predictor = MemoryPredictor(recipe, device=device)  # type: ignore[arg-type]
+        predicted = {
+            name: predictor.predict(batch, job["precision"], "cell" if name == "on" else "off").peak_bytes
+            for name in ("off", "on")
+        }
+    return {**profile_report(recipe, source, runs, job, predicted), "cpu_contention": busy}

@@ -12,6 +12,7 @@ from typer.testing import CliRunner, Result
 
 from nvae_search import memory
 from nvae_search.cli import app
+from nvae_search.profile import STEP_MEMORY, _measure_steps
 from nvae_search.schema import load_recipe
 from nvae_search.search.constraints import OverMemory
 
@@ -82,6 +83,42 @@ def test_prediction_within_15_percent_of_real_tensor_memory_on_cpu() -> None:
     assert abs(predicted.peak_bytes - measured) <= 0.15 * measured, (predicted.peak_bytes, measured)
 
 
+def test_fake_reads_answer_as_a_steady_step_after_the_first() -> None:
+    """Data-dependent init flags read False (done), counters 1 (past the first call): the figures are a later step's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nvae_search.model.ops import Conv2D
+
+    with FakeTensorMode(), memory.StorageTracker():
+        conv = Conv2D(2, 2, 3, padding=1, data_init=True)
+        # The conv's forward asks this flag: True would rerun the init (and its temporaries) in every step.
+        assert bool(conv.needs_data_init) is False and int(torch.zeros((), dtype=torch.long)) == 1
+
+
+def test_profile_measures_the_step_the_prediction_predicts_and_they_agree() -> None:
+    """`profile` (real tensors, torch's CPU allocator) and the prediction (fake tensors) describe one full step."""
+    args = ["profile", str(TINY), "--batch", "8", "--steps", "1", "--threads", "1", "--json"]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["memory_what"] == f"{STEP_MEMORY}, fp32" and "optimizer step" in STEP_MEMORY
+    for key in ("checkpointing_off", "checkpointing_on"):
+        measured = report[key]["memory"]
+        assert measured["source"].startswith("torch CPU allocator")
+        # The step starts with parameters, buffers, Adamax state and the batch alive: 28k parameters, 3 copies.
+        assert measured["start_bytes"] > 3 * 4 * 27_998
+        assert 0.75 <= measured["predicted_over_measured"] <= 1.25, measured
+    assert report["checkpointing_on"]["memory"]["peak_bytes"] < report["checkpointing_off"]["memory"]["peak_bytes"]
+
+
+def test_prediction_agrees_with_the_allocator_measurement_on_the_cpu_mnist_recipe() -> None:
+    recipe = load_recipe(ROOT / "recipes" / "cpu" / "mnist.yaml")
+    job = {"recipe": recipe.model_dump(mode="json"), "batch": 4, "steps": 1, "threads": None, "device": "cpu"}
+    measured = _measure_steps({**job, "precision": "fp32", "checkpointing": False})["memory"]["peak_bytes"]
+    predicted = memory.predict_step_memory(recipe, batch=4, precision="fp32", checkpointing="off", device="cpu")
+    assert abs(predicted.peak_bytes - measured) <= 0.25 * measured, (predicted.peak_bytes, measured)
+
+
 def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredictor) -> None:
     base = tiny_predictor.predict(8, "fp32", "off")
     parts = (base.params_bytes, base.grads_bytes, base.optimizer_bytes, base.activations_bytes)
@@ -94,6 +131,20 @@ def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredict
     assert tiny_predictor.predict(8, "fp16", "off").activations_bytes < 0.8 * base.activations_bytes
     assert tiny_predictor.predict(8, "bf16", "off").activations_bytes < 0.8 * base.activations_bytes
     assert memory.resolve_precision("auto", "cuda") == "fp16" and memory.resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_the_shape_cache_speeds_up_without_changing_any_figure(tiny_predictor: memory.MemoryPredictor) -> None:
+    settings = [(8, "fp32", "off"), (8, "fp16", "cell")]
+    cache = tiny_predictor.shapes
+    hits = cache.hits
+    cached = [tiny_predictor.predict(*s) for s in settings]
+    assert cache.hits > hits  # replayed ops, not a cache that is never used
+    try:
+        tiny_predictor.shapes = None  # every op through the fake mode
+        plain = [tiny_predictor.predict(*s) for s in settings]
+    finally:
+        tiny_predictor.shapes = cache
+    assert cached == plain
 
 
 def test_largest_batch_fits_and_one_more_does_not(tiny_predictor: memory.MemoryPredictor) -> None:

@@ -132,7 +132,8 @@ def profile(
     json_output: JsonOption = False,
     sets: SetOption = None,
 ) -> None:
-    """Parameters, FLOPs per image, step time and peak memory, with gradient checkpointing off and on."""
+    """Parameters, FLOPs per image, step time and peak memory of one full training step (forward, loss,
+    regularisers, backward, optimizer step) with gradient checkpointing off and on, next to the memory prediction."""
     recipe = load_or_fail(recipe_path, sets)
     report = profile_recipe(recipe, str(recipe_path), batch, steps, threads)
     busy = report["cpu_contention"]

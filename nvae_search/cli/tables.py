@@ -94,10 +94,15 @@ def profile_table(report: dict[str, Any]) -> Table:
         f"{report['steps']} timed steps, {report['threads']} threads"
     )
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("", "params", "GFLOPs/img fwd", "GFLOPs/img fwd+bwd", "step time (median, s)", "peak memory (MiB)"):
+    if "memory_what" in report:
+        table.caption = f"step time and memory: {report['memory_what']}"
+        table.caption_justify = "left"
+    columns = ("", "params", "GFLOPs/img fwd", "GFLOPs/img fwd+bwd", "step time (median, s)", "peak memory (MiB)")
+    for column in (*columns, "predicted (MiB)"):
         table.add_column(column, justify="left" if not column else "right")
     for label, key in (("checkpointing off", "checkpointing_off"), ("checkpointing on", "checkpointing_on")):
         run = report[key]
+        predicted = run.get("memory", {}).get("predicted_peak_bytes")
         table.add_row(
             label,
             f"{run['params']:,}",
@@ -105,6 +110,7 @@ def profile_table(report: dict[str, Any]) -> Table:
             _fmt(run["flops_fwd_bwd_per_image"] / 1e9, ".4f"),
             _fmt(run["step_time_median_s"], ".4f"),
             _fmt(run["peak_memory_mib"], ".1f"),
+            _fmt(predicted / 2**20 if predicted is not None else None, ".1f"),
         )
     ratio = report["ratio_on_off"]
     table.add_row(
@@ -114,6 +120,7 @@ def profile_table(report: dict[str, Any]) -> Table:
         _fmt(ratio["flops_fwd_bwd_per_image"], ".2f"),
         _fmt(ratio["step_time_median_s"], ".2f"),
         _fmt(ratio["peak_memory_mib"], ".2f"),
+        "",
         style="italic",
     )
     return table
