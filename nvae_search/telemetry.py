@@ -27,6 +27,8 @@ class StabilityTracker:
     explode_streak: int = 0
     lowest_nelbo: float = math.inf  # the lowest logged NELBO so far and its step: the explosion rule's reference
     lowest_nelbo_step: int = 0
+    first_nelbo: float = math.nan  # the first and the latest logged NELBO: the end-of-run rule's figures
+    last_nelbo: float = math.nan
     grad_norm_max: float = 0.0
     grad_norm_sum: float = 0.0
     grad_norm_count: int = 0
@@ -50,11 +52,26 @@ class StabilityTracker:
         """Record a logged NELBO; returns the explosion cause if it is far above the lowest one before it."""
         cause = explosion_cause(nelbo, step, self.lowest_nelbo, self.lowest_nelbo_step, self.explode_factor)
         self.explode_streak = self.explode_streak + 1 if cause else 0
+        if math.isfinite(nelbo):
+            self.first_nelbo = nelbo if math.isnan(self.first_nelbo) else self.first_nelbo
+            self.last_nelbo = nelbo
         if math.isfinite(nelbo) and nelbo < self.lowest_nelbo:
             self.lowest_nelbo, self.lowest_nelbo_step = nelbo, step
         if cause and self.explode_patience > 1:
             cause += f" ({self.explode_streak} logs in a row; train.explode_patience {self.explode_patience})"
         return cause if self.explode_streak >= self.explode_patience else None
+
+    def final_explosion(self, step: int) -> str | None:
+        """At the end of a run that was not stopped: its last logged NELBO above its first one (it ended worse
+        than untrained), or above the explosion rule with no log left to recover in (a run that stays blown up
+        but never crosses the rule ``explode_patience`` logs in a row). None when the rule is off."""
+        last, first = self.last_nelbo, self.first_nelbo
+        if self.explode_factor is None or not (math.isfinite(last) and math.isfinite(first)) or first <= 0:
+            return None
+        if last > first:
+            return f"ended at step {step} with NELBO {last:.4g}, above its first logged {first:.4g}"
+        cause = explosion_cause(last, step, self.lowest_nelbo, self.lowest_nelbo_step, self.explode_factor)
+        return None if cause is None else f"ended with {cause}"
 
     def observe_grad_norm(self, norm: float) -> None:
         if math.isfinite(norm):
@@ -85,6 +102,8 @@ class StabilityTracker:
             "lowest_nelbo": self.lowest_nelbo,
             "lowest_nelbo_step": self.lowest_nelbo_step,
             "explode_streak": self.explode_streak,
+            "first_nelbo": self.first_nelbo,
+            "last_nelbo": self.last_nelbo,
             "recent_losses": list(self.recent_losses),
         }
 

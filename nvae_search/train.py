@@ -266,6 +266,8 @@ class Trainer(CheckpointState, OptimizerStep, RunLogging):
         return status, cause, diverged_step
 
     def _finish(self, status: TrialStatus, cause: str | None, diverged_step: int | None) -> RunSummary:
+        if status == TrialStatus.COMPLETED and (explosion := self.tracker.final_explosion(self.step)):
+            status, cause, diverged_step = TrialStatus.EXPLODED, explosion, self.step
         if status not in BROKE:
             self.save()
         eval_result = None

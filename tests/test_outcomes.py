@@ -95,6 +95,23 @@ def test_explode_patience_spares_a_run_that_spikes_once_and_recovers() -> None:
         assert first(nelbos, 2) == 2, name
 
 
+def test_a_run_that_ends_blown_up_without_crossing_the_rule_in_a_row_ends_exploded() -> None:
+    """Seen in the stability map: at lr 0.05 without warm-up some runs jump to 10^4 nats and oscillate, never two
+    logs in a row above 2x their lowest; they used to end "completed" at thousands of nats."""
+
+    def final(nelbos: list[float], patience: int = 2) -> str | None:
+        tracker = StabilityTracker(explode_factor=2.0, explode_patience=patience)
+        assert all(tracker.observe_nelbo(5 * i + 1, n) is None for i, n in enumerate(nelbos))
+        return tracker.final_explosion(5 * len(nelbos))
+
+    assert "above its first logged 903" in str(final([903, 3000, 1700, 2500, 1600, 1591]))  # worse than at step 1
+    assert "2.2x its lowest" in str(final([900, 400, 900, 500, 880], patience=3))  # blown up at its last log
+    assert final(PILOT_HEALTHY) is None and final([904, 1960, 540, 374, 332]) is None  # a spike that recovered
+    off = StabilityTracker(explode_factor=None)
+    off.observe_nelbo(1, 100.0), off.observe_nelbo(2, 1e6)
+    assert off.final_explosion(2) is None  # the rule off: never
+
+
 def test_negative_nelbos_are_never_compared() -> None:
     tracker = StabilityTracker(explode_factor=2.0)
     assert tracker.observe_nelbo(1, -500.0) is None and tracker.observe_nelbo(2, 1e6) is None
@@ -120,6 +137,25 @@ def test_tiny_recipe_at_lr_3_stops_early_as_exploded(tmp_path: Path) -> None:
     assert summary["status"] == "exploded" and summary["diverged_step"] == summary["steps"] == 10
     assert "explode_factor" in summary["cause"] and summary["eval"] is None
     assert "exploded" in result.output and "at step 10" in result.output  # the summary screen
+
+
+def test_a_run_that_ends_above_its_first_nelbo_is_exploded_even_when_the_rule_never_fired(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    args = [
+        "train",
+        str(TINY),
+        "--out",
+        str(out),
+        "--set",
+        "train.learning_rate=3",
+        "--set",
+        "train.explode_patience=100",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "exploded" and summary["diverged_step"] == summary["steps"] == summary["total_steps"]
+    assert summary["cause"].startswith("ended at step") and summary["eval"] is None
 
 
 def test_a_run_with_few_active_units_ends_collapsed_and_keeps_its_evaluation(tmp_path: Path) -> None:
