@@ -161,6 +161,8 @@ def replay_study(tmp_path: Path) -> Path:
         run_dir.mkdir(parents=True)
         rows = [{"step": s, "nelbo": n, "grad_norm": g} for s, n, g in log]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if i == len(plan) - 1:  # the replay judges this run by its log: the rule was off in its recipe
+            (run_dir / "recipe.resolved.yaml").write_text("train:\n  explode_factor: null\n")
         done = status == "completed"
         outcome = TrialOutcome(status=TrialStatus(status), steps=log[-1][0], run_dir=str(run_dir), seed=i)
         outcome.diverged_step = None if done or status == "pruned" else log[-1][0]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config_io import ConfigError, read_yaml_file
+from ..rundir import RESOLVED_RECIPE
 from ..schema.recipe import TrainConfig
 from ..spaces import Space
 from ..status import BROKE, WITH_VALUE, TrialStatus, explosion_cause
@@ -172,9 +174,20 @@ def _finished_runs(study_dir: Path) -> tuple[Space, list[tuple[int, str, int, li
         if not log:
             continue
         steps = t.user_attrs.get("steps")
-        status = _would_explode(str(status), log)
+        if _explosion_rule_was_off(t.user_attrs.get("run_dir")):
+            status = _would_explode(str(status), log)
         out.append((t.number, status, int(steps) if isinstance(steps, int) else log[-1]["step"], log))
     return space, out
+
+
+def _explosion_rule_was_off(run_dir: Any) -> bool:
+    """Whether the run trained with ``train.explode_factor: null`` (read from its resolved recipe); a run that
+    trained with the rule on has its status from the rule it ran under (its own factor and patience)."""
+    try:
+        recipe = read_yaml_file(Path(str(run_dir)) / RESOLVED_RECIPE)
+        return recipe["train"].get("explode_factor", 0) is None
+    except (ConfigError, OSError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _would_explode(status: str, log: Sequence[Mapping[str, Any]]) -> str:
