@@ -16,7 +16,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from nvae_search.config_io import ConfigError
-from nvae_search.search.retention import after_ray_trial, apply_checkpoint_policy, kept_trials
+from nvae_search.search.retention import apply_checkpoint_policy, checkpoint_callback, kept_trials
 from nvae_search.search.runner import create_study, storage_url, write_study_file
 from nvae_search.spaces import Space, load_space
 
@@ -190,8 +190,8 @@ def test_ray_trials_lose_ray_copies_of_their_checkpoint_too(tmp_path: Path) -> N
                 user_attrs={"run_dir": str(run_dir)},
             )
         )
-    # As the Ray searcher calls it after telling Optuna: the space from its define-by-run function.
-    after_ray_trial(study, type("SpaceFn", (), {"space": space})(), str(study_dir / "trials" / "ray_ab12cd35"))
+    # As the Ray searcher calls it after telling Optuna each trial's outcome (an Optuna-style study callback).
+    checkpoint_callback(space, study_dir)(study, study.trials[-1])
     assert sorted(p.parent.parent.name for p in copies[6].glob("*/checkpoint.pt")) == [copies[6].name] * 2
     assert list(copies[7].glob("*/checkpoint.pt")) == []
     assert len(list(copies[7].glob("*/ray_state.json"))) == 2

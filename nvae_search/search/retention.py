@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from ..spaces import Space
 
-__all__ = ["after_ray_trial", "apply_checkpoint_policy", "checkpoint_callback", "kept_trials"]
+__all__ = ["apply_checkpoint_policy", "checkpoint_callback", "kept_trials"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,16 +117,3 @@ def checkpoint_callback(space: Space, study_dir: str | Path) -> Callable[[optuna
             logger.exception("could not apply budget.keep_checkpoints after trial %s", trial.number)
 
     return callback
-
-
-def after_ray_trial(study: optuna.Study, space_fn: Any, run_dir: Any) -> None:
-    """The policy after a Ray trial was told to Optuna (called by the Ray searcher, which holds the space in its
-    define-by-run function and learns the study directory from the trial's run directory). Never raises: the
-    trial's outcome is already recorded, and a disk clean-up problem must not turn it into a failure."""
-    space = getattr(space_fn, "space", None)
-    if space is None or not run_dir:
-        return
-    try:
-        apply_checkpoint_policy(study, space, Path(str(run_dir)).parent.parent)
-    except Exception:
-        logger.exception("could not apply budget.keep_checkpoints after trial %s", run_dir)
