@@ -134,9 +134,9 @@ def test_tiny_recipe_at_lr_3_stops_early_as_exploded(tmp_path: Path) -> None:
     )
     assert result.exit_code == 3, result.output  # a failure, like a divergence
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["status"] == "exploded" and summary["diverged_step"] == summary["steps"] == 10
+    assert summary["status"] == "exploded" and summary["diverged_step"] == summary["steps"] == 20  # 2 logs: 10, 20
     assert "explode_factor" in summary["cause"] and summary["eval"] is None
-    assert "exploded" in result.output and "at step 10" in result.output  # the summary screen
+    assert "exploded" in result.output and "at step 20" in result.output  # the summary screen
 
 
 def test_a_run_that_ends_above_its_first_nelbo_is_exploded_even_when_the_rule_never_fired(tmp_path: Path) -> None:
@@ -215,6 +215,7 @@ def outcome_space(tmp_path: Path, backend: str) -> Path:
         "space": {
             "train.learning_rate": {"type": "categorical", "choices": lrs},
             "train.collapse_fraction": {"type": "fixed", "value": 1.0},  # any inactive unit: collapsed
+            "train.explode_patience": {"type": "fixed", "value": 1},  # stopped at its first blown-up log
         },
     }
     doc["study"]["enqueue"] = [{"train.learning_rate": lr} for lr in lrs]

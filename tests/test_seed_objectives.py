@@ -33,7 +33,10 @@ def space_doc(name: str, agg: dict[str, Any] | None, lrs: list[float], ray: bool
         "budget": {"steps": 8, "eval_iw_samples": 2, "eval_images": 32, "report_every_steps": 4},
         "sampler": {"type": "random"},
         "pruner": {"type": "median", "n_startup_trials": 5},
-        "space": {"train.learning_rate": {"type": "categorical", "choices": lrs}},
+        "space": {
+            "train.learning_rate": {"type": "categorical", "choices": lrs},
+            "train.explode_patience": {"type": "fixed", "value": 1},  # stopped at its first blown-up log
+        },
     }
     if agg is not None:
         doc["study"]["aggregate"] = agg

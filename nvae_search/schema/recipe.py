@@ -269,10 +269,11 @@ class TrainConfig(Strict):
         "(healthy runs stay within 1.2×; null: never).",
     )
     explode_patience: int = Field(
-        1,
+        2,
         ge=1,
-        description="Logged NELBOs in a row above explode_factor × the lowest before the run counts as exploded: "
-        "2 spares runs that spike once and recover (the tiny recipe at lr 1 spikes 2.2× at step 5, then trains).",
+        description="Logged NELBOs in a row above explode_factor × the lowest before the run stops as exploded: 2 "
+        "spares runs that spike once and recover (common at the first steps without warm-up); a run still blown "
+        "up at its end (last NELBO above its first, or above the rule) ends exploded anyway.",
     )
     collapse_fraction: float = Field(
         0.05,
