@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +40,22 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def trials_by_learning_rate(
+    space: Any, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[Path, dict]:
+    """Run ``space`` on ``backend`` (Ray through the ``ray_local`` fixture) and return its study directory and its
+    trials by their ``train.learning_rate`` (the outcome, instability and seed-objective tests of both backends)."""
+    from nvae_search.search.runner import run_optuna_search
+    from nvae_search.search.trial import load_study
+
+    if backend == "ray":
+        request.getfixturevalue("ray_local")
+        from nvae_search.search.ray_backend import run_ray_search
+
+        study_dir = run_ray_search(space, root=tmp_path / "runs")
+    else:
+        study_dir = run_optuna_search(space, root=tmp_path / "runs")
+    study, _, _ = load_study(study_dir)
+    return study_dir, {t.params["train.learning_rate"]: t for t in study.trials}

@@ -11,13 +11,13 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from conftest import trials_by_learning_rate
 from test_outcomes import ray_local  # noqa: F401  # a module-scoped local Ray (test_ray.py keeps its own)
 from typer.testing import CliRunner
 
 from nvae_search.cli import app
 from nvae_search.config_io import ConfigError
 from nvae_search.search.instability import InstabilityRule, replay_pruners
-from nvae_search.search.runner import load_study, run_optuna_search
 from nvae_search.spaces import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,15 +108,7 @@ def test_both_backends_stop_an_unstable_trial_as_pruned_with_the_rules_cause(
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(instability_space_doc(f"inst_{backend}", pruner, ray=backend == "ray")))
     space = load_space(path)
-    if backend == "ray":
-        request.getfixturevalue("ray_local")
-        from nvae_search.search.ray_backend import run_ray_search
-
-        study_dir = run_ray_search(space, root=tmp_path / "runs")
-    else:
-        study_dir = run_optuna_search(space, root=tmp_path / "runs")
-    study, _, _ = load_study(study_dir)
-    by_lr = {t.params["train.learning_rate"]: t for t in study.trials}
+    study_dir, by_lr = trials_by_learning_rate(space, backend, tmp_path, request)
     unstable, healthy = by_lr[3.0], by_lr[0.01]
     assert unstable.state == State.PRUNED and unstable.user_attrs["status"] == "pruned"
     assert unstable.user_attrs["cause"].startswith("instability: ") and "at step 4" in unstable.user_attrs["cause"]

@@ -15,12 +15,12 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from conftest import trials_by_learning_rate
 from typer.testing import CliRunner
 
 from nvae_search.cli import app
 from nvae_search.schema.recipe import TrainConfig
 from nvae_search.search.report import build_report
-from nvae_search.search.runner import load_study, run_optuna_search
 from nvae_search.search.trajectories import read_trajectory, wilson_interval
 from nvae_search.search.trial import OUTCOME_KEYS, TrialOutcome
 from nvae_search.spaces import load_space
@@ -231,15 +231,7 @@ def test_both_backends_record_exploded_as_failed_and_collapsed_with_its_value(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     space = load_space(outcome_space(tmp_path, backend))
-    if backend == "ray":
-        request.getfixturevalue("ray_local")
-        from nvae_search.search.ray_backend import run_ray_search
-
-        study_dir = run_ray_search(space, root=tmp_path / "runs")
-    else:
-        study_dir = run_optuna_search(space, root=tmp_path / "runs")
-    study, _, _ = load_study(study_dir)
-    by_lr = {t.params["train.learning_rate"]: t for t in study.trials}
+    study_dir, by_lr = trials_by_learning_rate(space, backend, tmp_path, request)
 
     exploded = by_lr[3.0]
     assert exploded.state == State.FAIL and exploded.values is None

@@ -11,11 +11,11 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from conftest import trials_by_learning_rate
 from test_outcomes import ray_local  # noqa: F401  # a module-scoped local Ray (test_ray.py keeps its own)
 
 from nvae_search.config_io import ConfigError
 from nvae_search.search.report import build_report
-from nvae_search.search.runner import load_study, run_optuna_search
 from nvae_search.search.seeds import aggregate, run_configuration
 from nvae_search.search.trial import TrialOutcome
 from nvae_search.spaces import Space, load_space
@@ -95,15 +95,7 @@ def test_both_backends_aggregate_over_seeds_and_fail_the_configuration_on_an_exp
     doc = space_doc(f"seeds_{backend}", {"seeds": 2, "how": "worst"}, [0.01, 3.0], ray=backend == "ray")
     doc["budget"]["keep_checkpoints"] = "none"
     space = make_space(tmp_path, doc)
-    if backend == "ray":
-        request.getfixturevalue("ray_local")
-        from nvae_search.search.ray_backend import run_ray_search
-
-        study_dir = run_ray_search(space, root=tmp_path / "runs")
-    else:
-        study_dir = run_optuna_search(space, root=tmp_path / "runs")
-    study, _, _ = load_study(study_dir)
-    by_lr = {t.params["train.learning_rate"]: t for t in study.trials}
+    study_dir, by_lr = trials_by_learning_rate(space, backend, tmp_path, request)
 
     good = by_lr[0.01]
     run_dir = Path(good.user_attrs["run_dir"])

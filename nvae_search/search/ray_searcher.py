@@ -157,7 +157,7 @@ class StudyBridge:
         self.last: dict[str, dict[str, Any]] = {}  # the last result of each running trial
         self.reported: dict[str, int] = {}  # the last step told to Optuna as an intermediate value
         self._study: optuna.Study | None = None
-        self._storage: Any = None
+        self._study_storage: Any = None
 
     # ------------------------------------------------------------------------------------------ the study
     @property
@@ -169,17 +169,17 @@ class StudyBridge:
 
     @property
     def storage(self) -> Any:
-        if self._storage is None:
+        if self._study_storage is None:
             self._open()
-        return self._storage
+        return self._study_storage
 
     def _open(self) -> None:
         import optuna
 
         from .runner import create_study
 
-        self._storage = optuna.storages.get_storage(open_storage(self.url))
-        self._study = create_study(self.space, self.url, self._storage)
+        self._study_storage = optuna.storages.get_storage(open_storage(self.url))
+        self._study = create_study(self.space, self.url, self._study_storage)
 
     def _trial_id(self, ray_trial_id: str) -> int:
         return trial_id(self.storage, self.study, self.numbers[ray_trial_id])
