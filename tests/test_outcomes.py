@@ -334,3 +334,29 @@ def test_report_gives_divergence_rate_interval_median_step_and_trajectories(tmp_
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     rows = [r for r in report.rows if r["status"] == "exploded"]
     assert len(rows) == 3 and len(read_trajectory(rows[0]["run_dir"])) >= 2
+
+
+@pytest.mark.parametrize(
+    ("by_time", "xs", "label"), [(False, [10, 20], "training step"), (True, [0.5, 1.5], "training minutes")]
+)
+def test_trajectories_of_a_clock_budget_are_drawn_against_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by_time: bool, xs: list[float], label: str
+) -> None:
+    import matplotlib.figure
+
+    from nvae_search.search.report_rows import Run
+    from nvae_search.search.trajectories import plot_trajectories
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    log = [
+        {"step": 10, "time": 30.0, "nelbo": 200.0, "grad_norm": 5.0},
+        {"step": 20, "time": 90.0, "nelbo": 150.0, "grad_norm": 4.0},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    run = Run(None, "study", "COMPLETE", TrialStatus.COMPLETED, [150.0], {}, {"run_dir": str(run_dir)}, {}, "c", 0)
+    drawn: list[Any] = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    assert plot_trajectories(tmp_path / "t.png", [run], "nats", "t", by_time=by_time) == 1
+    bottom = drawn[0].axes[1]
+    assert list(bottom.lines[0].get_xdata()) == pytest.approx(xs) and bottom.get_xlabel() == label

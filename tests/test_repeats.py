@@ -161,6 +161,31 @@ def test_repeat_command_errors_are_one_screen_exit_2(handmade_study: tuple[Path,
     assert not (study_dir / "repeats").exists()
 
 
+def test_two_repeat_processes_share_the_repeats_and_train_each_once(
+    handmade_study: tuple[Path, Space], torch_single_thread: None
+) -> None:
+    study_dir, space = handmade_study
+    doc = yaml.safe_load(Path(str(space.source)).read_text())
+    Path(str(space.source)).write_text(yaml.safe_dump({**doc, "repeats": {"top_k": 1, "seeds": [6, 7]}}))
+    other: list[Any] = []
+
+    def start_another_process(job: Any, *_: Any) -> None:
+        # While this process trains seed 6 (holding its lock), a second `repeat` reads the same plan.
+        if job.seed == 6:
+            other.append(run_repeats(study_dir))
+
+    first = run_repeats(study_dir, on_start=start_another_process)
+    (second,) = other
+    assert [job.seed for job in second.busy] == [6]  # held by the first: left to it
+    assert [(job.seed, status) for job, status in second.ran] == [(7, "completed")]
+    # The first reaches seed 7 after the second finished it: it sees the summary and does not train it again.
+    assert [(job.seed, status) for job, status in first.ran] == [(6, "completed")]
+    assert [job.seed for job in first.already_done] == [7]
+    seed_dirs = [study_dir / "repeats" / config_id({"train.learning_rate": 0.01}) / f"seed_{s}" for s in (6, 7)]
+    logged = [steps_logged(d) for d in seed_dirs]
+    assert logged[0] == logged[1] and logged[0] and len(set(logged[0])) == len(logged[0])  # each trained once
+
+
 @pytest.mark.slow
 def test_repeat_on_ray_runs_each_repeat_as_a_tune_trial(
     handmade_study: tuple[Path, Space], monkeypatch: pytest.MonkeyPatch

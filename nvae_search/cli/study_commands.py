@@ -140,5 +140,6 @@ def _print_repeat_result(console: Console, result: Any) -> None:
         f"repeats: {len(result.already_done)} already done, {len(result.ran) - stopped} run now"
         + (f", {stopped} stopped (run the command again to resume)" if stopped else "")
         + (f", {len(result.failed)} failed" if result.failed else "")
+        + (f", {len(result.busy)} taken by another `repeat` process" if result.busy else "")
     )
     console.print(f"next: nvae-search report {result.study_dir}")

@@ -60,6 +60,19 @@ class SeedAggregate(Strict):
     k: float = Field(1.0, ge=0, description="The std multiple of mean_plus_std.")
 
 
+class Promote(Strict):
+    """Successive halving run as studies: this study first trains the best configurations of an earlier rung."""
+
+    study: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        max_length=100,
+        description="The earlier rung's study name: its folder lies beside this study's (<root>/<name>/).",
+    )
+    top_k: int = Field(
+        ge=1, description="How many of its best configurations (by its first objective) this study trains first."
+    )
+
+
 class StudyConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100, description="Folder runs/<name>/.")
     objectives: list[Objective] = Field(
@@ -74,6 +87,11 @@ class StudyConfig(Strict):
         default_factory=list, description="Warm-start points {parameter name: value}; unset parameters are sampled."
     )
 
+    promote: Promote | None = Field(
+        None,
+        description="Enqueue the best top_k configurations of an earlier study (a shorter-budget rung over the same "
+        "parameters) before `enqueue`; the parameters must be this space's.",
+    )
     aggregate: SeedAggregate | None = Field(
         None,
         description="Train each trial's configuration on several seeds (sub-runs seed_<s>/ of the trial) and "

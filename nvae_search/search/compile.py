@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import optuna
 
 __all__ = [
+    "all_specs",
     "directions",
     "enqueue_points",
     "grid_search_space",
@@ -136,7 +137,7 @@ def resolve_flat_params(space: Space, flat: Mapping[str, Any]) -> dict[str, Any]
 
 def enqueue_points(space: Space) -> list[dict[str, Any]]:
     """``study.enqueue`` as flat dicts for ``study.enqueue_trial``; a per-scale list becomes ``<path>.<i>``."""
-    per_scale = {path for path, spec in _all_specs(space.space) if isinstance(spec, PerScaleSpec)}
+    per_scale = {path for path, spec in all_specs(space.space) if isinstance(spec, PerScaleSpec)}
     points = []
     for point in space.study.enqueue:
         flat: dict[str, Any] = {}
@@ -149,13 +150,13 @@ def enqueue_points(space: Space) -> list[dict[str, Any]]:
     return points
 
 
-def _all_specs(tree: Mapping[str, Any]) -> list[tuple[str, Any]]:
+def all_specs(tree: Mapping[str, Any]) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for path, spec in tree.items():
         out.append((path, spec))
         if isinstance(spec, BranchSpec):
             for sub in spec.choices.values():
-                out += _all_specs(sub)
+                out += all_specs(sub)
     return out
 
 

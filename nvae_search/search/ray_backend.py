@@ -271,7 +271,7 @@ def run_ray_search(
     restore = bool(latest and not latest[2].get("done") and tune.Tuner.can_restore(str(exp_root / latest[1])))
     if not restore:
         recover_interrupted(study, store)  # RUNNING trials of a search that left nothing to restore
-        _enqueue_warm_start(study, space)
+        _enqueue_warm_start(study, space, study_dir)
         remaining = target - finished_trials(study)
         if remaining <= 0:
             return study_dir

@@ -7,7 +7,9 @@ the missing ones into ``<study>/repeats/<config id>/seed_<seed>/`` (the runs ``r
 - a run whose ``summary.json`` says ``completed`` or ``diverged`` is done and is skipped;
 - a run cut off before its end (a ``checkpoint.pt`` but no summary, or a ``stopped`` summary) resumes from its
   checkpoint;
-- a run cut off before its first checkpoint starts over in an emptied directory.
+- a run cut off before its first checkpoint starts over in an emptied directory;
+- a run another `repeat` process is training (it holds the run's lock file) is left to it, so several processes
+  (one per core or GPU) can share one study's repeats.
 
 A repeat needs only the configuration's recipe values (the trial's ``values`` attribute, or its parameters
 resolved through the space): it trains from scratch on its own seed, so it works after ``budget.keep_checkpoints``
@@ -17,6 +19,7 @@ removed the trials' checkpoints. Training is imported inside the functions only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError, atomic_write_text
 from ..status import TrialStatus
-from .report_rows import REPEAT_DONE_STATUSES, RepeatJob, plan_repeats, study_rows
+from .report_rows import REPEAT_DONE_STATUSES, RepeatJob, plan_repeats, read_repeat_summary, study_rows
 from .runner import run_trial
 from .trial import InvalidCombination, load_study
 
@@ -49,7 +52,26 @@ class RepeatResult:
     already_done: list[RepeatJob] = field(default_factory=list)
     ran: list[tuple[RepeatJob, str]] = field(default_factory=list)  # (job, final status)
     failed: list[tuple[RepeatJob, str]] = field(default_factory=list)  # (job, reason)
+    busy: list[RepeatJob] = field(default_factory=list)  # being trained by another `repeat` process
     notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def claimed(job: RepeatJob) -> Iterator[bool]:
+    """Hold the repeat's lock file (``.seed_<s>.lock`` beside its run directory) while training it; yields False
+    when another process holds it. The operating system releases the lock of a process that dies, so a killed
+    `repeat` leaves nothing to clean up."""
+    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.run_dir.parent / f".{job.run_dir.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _prepare(job: RepeatJob) -> bool:
@@ -80,6 +102,16 @@ def run_one(space: Space, job: RepeatJob) -> str:
     if outcome.status in REPEAT_DONE_STATUSES:
         _drop_checkpoint(space, job)
     return outcome.status
+
+
+def _train_repeat(space: Space, job: RepeatJob) -> tuple[str, str | None]:
+    """(final status, error or None): one broken repeat must not stop the others."""
+    try:
+        return run_one(space, job), None
+    except InvalidCombination as err:
+        return TrialStatus.INVALID, str(err)
+    except Exception as err:
+        return TrialStatus.FAILED, f"{type(err).__name__}: {err}"
 
 
 def _record(result: RepeatResult, job: RepeatJob, status: str, error: str | None) -> None:
@@ -118,17 +150,21 @@ def run_repeats(
     from ..checkpoint import CHECKPOINT_NAME
 
     for index, job in enumerate(plan.missing, 1):
-        if on_start is not None:
-            on_start(job, index, len(plan.missing), (job.run_dir / CHECKPOINT_NAME).is_file())
         if backend == "ray":
+            if on_start is not None:
+                on_start(job, index, len(plan.missing), (job.run_dir / CHECKPOINT_NAME).is_file())
             continue  # all of them start together below
-        error: str | None = None
-        try:
-            status = run_one(space, job)
-        except InvalidCombination as err:
-            status, error = TrialStatus.INVALID, str(err)
-        except Exception as err:  # one broken repeat must not stop the others
-            status, error = TrialStatus.FAILED, f"{type(err).__name__}: {err}"
+        # Several `repeat` processes may share the list: each trains the repeats no other one holds.
+        with claimed(job) as mine:
+            if not mine:
+                result.busy.append(job)
+                continue
+            if read_repeat_summary(space, job) is not None:
+                result.already_done.append(job)  # another process finished it since the plan was read
+                continue
+            if on_start is not None:
+                on_start(job, index, len(plan.missing), (job.run_dir / CHECKPOINT_NAME).is_file())
+            status, error = _train_repeat(space, job)
         _record(result, job, status, error)
         if on_end is not None:
             on_end(job, status, error)

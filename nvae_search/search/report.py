@@ -278,11 +278,12 @@ def build_report(study_dir: str | Path, *, console: Console | None = None) -> Re
     )
     files["importances.json"] = report_dir / "importances.json"
 
+    clock = space.budget.minutes is not None  # runs of a clock budget compare at equal minutes, not steps
     plots: list[tuple[str, Callable[[Path], None]]] = [
         ("history.png", lambda p: plot_history(p, rows, space, unit, space.study.name)),
         ("params.png", lambda p: plot_params(p, study, rows, space, unit, space.study.name, param_names, short)),
         ("stability.png", lambda p: plot_stability(p, configs, space, unit, space.study.name)),
-        ("trajectories.png", lambda p: plot_trajectories(p, rows, unit, space.study.name)),
+        ("trajectories.png", lambda p: plot_trajectories(p, rows, unit, space.study.name, by_time=clock)),
     ]
     if len(objectives) >= 2:
         plots.append(("pareto.png", lambda p: plot_pareto(p, study, rows, space, unit, space.study.name)))

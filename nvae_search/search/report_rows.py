@@ -279,7 +279,7 @@ class RepeatPlan:
 REPEAT_DONE_STATUSES = WITH_VALUE | BROKE
 
 
-def _top_configs(rows: Sequence[Run], k: int, direction: str) -> list[Run]:
+def best_configs(rows: Sequence[Run], k: int, direction: str) -> list[Run]:
     """The best completed trial of each of the k best configurations (by the first objective)."""
     best: dict[str, Run] = {}
     key = sort_key(direction)
@@ -309,7 +309,7 @@ def plan_repeats(study_dir: Path, space: Space, rows: Sequence[Run], notes: list
     repeats = space.repeats
     if repeats.top_k <= 0:
         return plan
-    for best in _top_configs(rows, repeats.top_k, space.study.objectives[0].direction):
+    for best in best_configs(rows, repeats.top_k, space.study.objectives[0].direction):
         have = {r.seed for r in rows if r.source == "study" and r.config == best.config and r.status in RUN_STATUSES}
         for seed in repeats.seeds:
             if seed in have:

@@ -154,13 +154,15 @@ def recover_interrupted(study: optuna.Study, storage: Any, *, unowned_are_stale:
     return recovered
 
 
-def _enqueue_warm_start(study: optuna.Study, space: Space) -> None:
+def _enqueue_warm_start(study: optuna.Study, space: Space, study_dir: Path) -> None:
+    """The promoted configurations of an earlier rung (``study.promote``), then ``study.enqueue``, once."""
     from .compile import enqueue_points
+    from .promote import promoted_points
 
     if study.trials:
         return  # a resumed study already holds its warm-start points
-    for point in enqueue_points(space):
-        study.enqueue_trial(point)
+    for point in promoted_points(space, study_dir) + enqueue_points(space):
+        study.enqueue_trial(point, skip_if_exists=True)  # a hand-made point may be one of the promoted
 
 
 def _train_one(space: Space) -> Callable[[Mapping[str, Any], Path, Any, bool], TrialOutcome]:
@@ -316,7 +318,7 @@ def run_optuna_search(
         on_start(study, target)
     with optuna_log_file(study_dir):
         with workers_lock(url):
-            _enqueue_warm_start(study, space)
+            _enqueue_warm_start(study, space, study_dir)
         try:
             while deadline is None or _clock() < deadline:  # a trial that started runs to its end
                 with workers_lock(url):

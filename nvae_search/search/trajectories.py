@@ -71,9 +71,10 @@ def _positive(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
 
 
-def plot_trajectories(path: Path, rows: Sequence[Run], unit: str, title: str) -> int:
-    """Gradient norm (log) and NELBO (log) against the step for each trained run, coloured by outcome; the step
-    where a run diverged or exploded is marked with an x. Returns how many runs were drawn."""
+def plot_trajectories(path: Path, rows: Sequence[Run], unit: str, title: str, *, by_time: bool = False) -> int:
+    """Gradient norm (log) and NELBO (log) against the step (or, ``by_time``, the training minutes: how a study
+    with a clock budget compares its runs) for each trained run, coloured by outcome; the point where a run
+    diverged or exploded is marked with an x. Returns how many runs were drawn."""
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, layout="constrained")
@@ -83,7 +84,7 @@ def plot_trajectories(path: Path, rows: Sequence[Run], unit: str, title: str) ->
             colour = OUTCOME_COLOURS.get(run.status, "#7f7f7f")
             label = None if run.status in seen else str(run.status)
             seen.add(run.status)
-            steps = [r["step"] for r in log]
+            steps = [float(r.get("time") or 0.0) / 60 if by_time else r["step"] for r in log]
             for ax, key in ((top, "grad_norm"), (bottom, "nelbo")):
                 ys = [_positive(r.get(key)) for r in log]
                 ys_plot = [math.nan if y is None else y for y in ys]
@@ -95,7 +96,7 @@ def plot_trajectories(path: Path, rows: Sequence[Run], unit: str, title: str) ->
         ax.set_yscale("log")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3, which="both")
-    bottom.set_xlabel("training step")
+    bottom.set_xlabel("training minutes" if by_time else "training step")
     if drawn:
         top.legend(fontsize=8, ncols=4, loc="upper right")
     else:
