@@ -281,7 +281,7 @@ def run_ray_search(
     tracker = open_study_tracker(tracking or space.tracking, space, study_dir)  # a missing extra: before Ray starts
     if on_start is not None:
         on_start(study, target)
-    owns = False
+    owns = completed = False
     try:
         owns = init_ray(address or space.ray.address, **_quiet_ray(verbose))
         trainable = _make_trainable(space, study_dir)
@@ -296,7 +296,8 @@ def run_ray_search(
             _write_experiment_info(exp_root, info)
             tuner = _make_tuner(space, study_dir, url, name, remaining, trainable, verbose=verbose)
         results = _fit(tuner, space, study_dir, tracker)
-        if _fit_completed(results):
+        completed = _fit_completed(results)
+        if completed:
             _write_experiment_info(exp_root, {**info, "done": True})
             _fail_orphans(study, store)
     finally:
@@ -306,4 +307,10 @@ def run_ray_search(
             import ray
 
             ray.shutdown()
+    if restore and completed and finished_trials(study) < target:
+        # A driver killed between two of Tune's experiment snapshots can leave an experiment that restores fewer
+        # trials than it owed; the experiment is now done, so this call starts a new one for the missing trials.
+        return run_ray_search(
+            space, address=address, n_trials=n_trials, storage=storage, root=root, verbose=verbose, tracking=tracking
+        )
     return study_dir
