@@ -39,6 +39,7 @@ __all__ = [
     "make_pruner",
     "make_ray_space_fn",
     "make_sampler",
+    "per_scale_paths",
     "resolve_flat_params",
     "sampler_exhausted",
     "trial_seed",
@@ -137,7 +138,7 @@ def resolve_flat_params(space: Space, flat: Mapping[str, Any]) -> dict[str, Any]
 
 def enqueue_points(space: Space) -> list[dict[str, Any]]:
     """``study.enqueue`` as flat dicts for ``study.enqueue_trial``; a per-scale list becomes ``<path>.<i>``."""
-    per_scale = {path for path, spec in all_specs(space.space) if isinstance(spec, PerScaleSpec)}
+    per_scale = per_scale_paths(space)
     points = []
     for point in space.study.enqueue:
         flat: dict[str, Any] = {}
@@ -148,6 +149,11 @@ def enqueue_points(space: Space) -> list[dict[str, Any]]:
                 flat[key] = value
         points.append(flat)
     return points
+
+
+def per_scale_paths(space: Space) -> set[str]:
+    """The paths of the space's per-scale specs: their Optuna parameters are named ``<path>.<i>``."""
+    return {path for path, spec in all_specs(space.space) if isinstance(spec, PerScaleSpec)}
 
 
 def all_specs(tree: Mapping[str, Any]) -> list[tuple[str, Any]]:

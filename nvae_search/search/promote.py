@@ -12,19 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config_io import ConfigError
-from ..spaces import PerScaleSpec
-from .compile import all_specs
+from .compile import all_specs, per_scale_paths
 
 if TYPE_CHECKING:
     from ..spaces import Space
 
 __all__ = ["promoted_points"]
-
-
-def _parameter_names(space: Space) -> tuple[set[str], set[str]]:
-    """(names a trial's parameters may have, per-scale paths whose parameters are ``<path>.<i>``)."""
-    specs = all_specs(space.space)
-    return {path for path, _spec in specs}, {path for path, spec in specs if isinstance(spec, PerScaleSpec)}
 
 
 def promoted_points(space: Space, study_dir: Path) -> list[dict[str, Any]]:
@@ -50,7 +43,7 @@ def promoted_points(space: Space, study_dir: Path) -> list[dict[str, Any]]:
             str(space.source or space.study.name),
             [(field, f"the study in {source} has no finished trial with a value")],
         )
-    names, per_scale = _parameter_names(space)
+    names, per_scale = {path for path, _spec in all_specs(space.space)}, per_scale_paths(space)
     points = []
     for run in best:
         foreign = sorted(k for k in run.params if k not in names and k.rpartition(".")[0] not in per_scale)
