@@ -130,6 +130,30 @@ def test_a_minutes_budget_is_filled_although_the_first_steps_are_slow(
     assert summary.steps == 5 + round((summary.wall_s - 2.5) / 0.25)
 
 
+def test_a_minutes_budget_keeps_revising_its_plan_through_the_first_half() -> None:
+    """Measured on 30-minute MNIST runs: steps 150-300 took 0.33 s, the rest 0.30 s, so a plan fixed at step 320
+    stopped the run after 27.4 of its 30 minutes. Here the first 1,000 steps take 0.4 s and the rest 0.3 s: the
+    revisions through the first half of the plan fill the budget, and the run still ends on its planned step (its
+    cosine and KL schedules finished), not on the clock."""
+    from nvae_search.training.budget import CLOCK_REPLAN_UNTIL, Budget
+    from nvae_search.training.control import Ranks
+
+    recipe = load_recipe(TINY, overrides={"train.steps": None, "train.minutes": 30.0})
+    budget, ranks = Budget(recipe.train, iters_per_epoch=3750), Ranks(1, 0, torch.device("cpu"))
+    step, elapsed, times, plans = 0, 0.0, [], set()
+    while not budget.reached(step, elapsed, ranks):
+        times.append(0.4 if step < 1000 else 0.3)
+        elapsed += times[-1]
+        step += 1
+        budget.replan(step, elapsed, times, ranks)
+        if step > CLOCK_REPLAN_UNTIL:
+            plans.add(budget.total_steps)
+    assert step == budget.total_steps and elapsed <= 1800
+    assert elapsed >= 1800 - 0.3 * 100, elapsed  # the last revision is at most 100 steps of budget off
+    assert len(plans) > 1  # revised after step 320 ...
+    assert budget.schedule.total_steps == budget.total_steps  # ... and the schedule with it
+
+
 def test_checkpoints_every_so_many_minutes_on_the_trainers_clock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -245,7 +245,11 @@ class TrainConfig(Strict):
     epochs: int | None = Field(None, ge=1, description="Budget in epochs (the default when nothing is set: 200).")
     steps: int | None = Field(None, ge=1, description="Budget in optimizer steps.")
     minutes: float | None = Field(
-        None, gt=0, description="Wall-clock budget; the schedules assume `steps` or `epochs`."
+        None,
+        gt=0,
+        description="Budget in minutes of training steps (data loading, logging and evaluation not counted). Alone, "
+        "it is turned into a step count from the measured step time, revised through the first half of the run, "
+        "and the cosine and KL schedules end with it; with `steps` or `epochs`, whichever comes first ends the run.",
     )
     learning_rate: float = Field(1e-2, gt=0)
     learning_rate_min: float = Field(1e-4, ge=0)
