@@ -31,24 +31,19 @@ def promoted_points(space: Space, study_dir: Path) -> list[dict[str, Any]]:
     from .trial import load_study
 
     source = study_dir.parent / promote.study
-    field = "study.promote.study"
+    where, field = str(space.source or space.study.name), "study.promote.study"
     if not source.is_dir():
-        raise ConfigError(
-            str(space.source or space.study.name), [(field, f"no study folder {source} (run the earlier rung first)")]
-        )
+        raise ConfigError(where, [(field, f"no study folder {source} (run the earlier rung first)")])
     study, source_space, _info = load_study(source)
     best = best_configs(study_rows(study, source_space), promote.top_k, source_space.study.objectives[0].direction)
     if not best:
-        raise ConfigError(
-            str(space.source or space.study.name),
-            [(field, f"the study in {source} has no finished trial with a value")],
-        )
+        raise ConfigError(where, [(field, f"the study in {source} has no finished trial with a value")])
     names, per_scale = {path for path, _spec in all_specs(space.space)}, per_scale_paths(space)
     points = []
     for run in best:
         foreign = sorted(k for k in run.params if k not in names and k.rpartition(".")[0] not in per_scale)
         if foreign:
             reason = f"trial {run.trial} of {source} has parameters this space does not search: {', '.join(foreign)}"
-            raise ConfigError(str(space.source or space.study.name), [(field, reason)])
+            raise ConfigError(where, [(field, reason)])
         points.append(dict(run.params))
     return points
