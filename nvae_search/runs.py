@@ -29,6 +29,8 @@ class LoadedRun:
     step: int
     device: torch.device
     run_dir: Path
+    weights: str = "trained"  # "ema" when the run kept an EMA copy and it was loaded
+    has_ema: bool = False
 
 
 def load_run(run_dir: str | os.PathLike[str], device: str | torch.device | None = None, ema: bool = True) -> LoadedRun:
@@ -43,13 +45,35 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device | None 
     state = load_checkpoint(root / CHECKPOINT_NAME, dev, required=MODEL_KEYS)
     model = build_model(recipe.model).to(dev)
     weights = state["model"]
-    if ema and isinstance(state.get("ema"), dict):
+    has_ema = isinstance(state.get("ema"), dict)
+    use_ema = ema and has_ema
+    if use_ema:
         # AveragedModel keeps the averaged copy under "module." next to its step counter.
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
     check_weights(model, weights, root / CHECKPOINT_NAME)
     model.load_state_dict(weights)
+    if use_ema and not state.get("ema_bn_recalibrated"):
+        _recalibrate_ema(model, recipe, dev)  # a mid-run checkpoint (or one from an older version)
     model.eval()
-    return LoadedRun(recipe, model, int(state["step"]), dev, root)
+    return LoadedRun(recipe, model, int(state["step"]), dev, root, "ema" if ema and has_ema else "trained", has_ema)
+
+
+def _recalibrate_ema(model: NVAE, recipe: Recipe, device: torch.device) -> None:
+    """The BN statistics of an EMA copy saved without them, as the end of a run makes them."""
+    from .training.ema import recalibrate_batch_norm
+
+    cfg = recipe.model
+    train_set = build_dataset(recipe.data, split="train", resolution=cfg.resolution, channels=cfg.input_channels)
+    binarize = needs_binarize(recipe.data)
+    recalibrate_batch_norm(
+        model,
+        train_set,
+        lambda x: prepare_batch(x, binarize=binarize, num_bits=cfg.output.num_x_bits),
+        batches=recipe.train.ema_bn_batches,
+        batch_size=recipe.train.per_process_batch(1),
+        seed=recipe.train.seed,
+        device=device,
+    )
 
 
 def evaluate_run(
@@ -92,8 +116,10 @@ def evaluate_run(
             result = evaluate(run.model, dataset, on_batch=lambda n: bar.advance(task, n), **kwargs)
     else:
         result = evaluate(run.model, dataset, **kwargs)
-    payload = {"step": run.step, "split": split, **result.to_dict()}
-    atomic_write_text(run.run_dir / f"eval_iw{k}_{result.images}.json", json.dumps(payload, indent=2))
+    payload = {"step": run.step, "split": split, "weights": run.weights, **result.to_dict()}
+    # A run with an EMA copy is evaluated on it by default; its trained weights get their own file.
+    suffix = "_trained" if run.has_ema and run.weights == "trained" else ""
+    atomic_write_text(run.run_dir / f"eval_iw{k}_{result.images}{suffix}.json", json.dumps(payload, indent=2))
     return result
 
 

@@ -37,6 +37,7 @@ from .status import BROKE, TrialStatus
 from .telemetry import end_of_run_status
 from .training.budget import CLOCK_REPLAN_UNTIL, DEFAULT_EPOCHS, STEP_TIME_PROBE, Budget, LRSchedule
 from .training.control import Ranks, StopFlag
+from .training.ema import recalibrate_batch_norm
 from .training.logs import Progress, RunLogging, peak_memory_mb
 from .training.state import (
     RESUME_FIXED,
@@ -156,6 +157,7 @@ class Trainer(CheckpointState, OptimizerStep, RunLogging):
         self.step_times: list[float] = []
         self.last_metrics: dict[str, Any] = {}
         self.resumed_from: int | None = None  # the checkpoint's step, when resumed
+        self.ema_bn_recalibrated = False  # set at the end of the run (``_recalibrate_ema``)
         self.stop = StopFlag()
         self.writer: Any = None
         if self.world > 1:
@@ -269,6 +271,7 @@ class Trainer(CheckpointState, OptimizerStep, RunLogging):
         if status == TrialStatus.COMPLETED and (explosion := self.tracker.final_explosion(self.step)):
             status, cause, diverged_step = TrialStatus.EXPLODED, explosion, self.step
         if status not in BROKE:
+            self._recalibrate_ema()
             self.save()
         eval_result = None
         if status == TrialStatus.COMPLETED and self.cfg.eval_at_end and self.main:
@@ -319,6 +322,22 @@ class Trainer(CheckpointState, OptimizerStep, RunLogging):
                 self._write_hparams(summary)
                 self.writer.close()
         return summary
+
+    def _recalibrate_ema(self) -> None:
+        """The EMA copy's BN statistics for its own weights (see :mod:`.training.ema`); every rank takes part, so
+        that synchronised BN layers meet in their collectives."""
+        if self.ema is None or self.step == 0 or self.cfg.ema_bn_batches == 0:
+            return
+        recalibrate_batch_norm(
+            self.ema.module,
+            self.train_set,
+            self.prepare,
+            batches=self.cfg.ema_bn_batches,
+            batch_size=self.batch,
+            seed=self.cfg.seed,
+            device=self.device,
+        )
+        self.ema_bn_recalibrated = True
 
     def final_eval(self) -> Any:
         test_set = build_dataset(

@@ -191,3 +191,15 @@ def test_train_with_two_workers_runs_data_parallel(tmp_path: Path) -> None:
     recipe = load_recipe(TINY)
     train_set = build_dataset(recipe.data, split="train", resolution=recipe.model.resolution, channels=1)
     assert summary["epochs"] == pytest.approx(3 / (len(train_set) // (2 * recipe.train.batch_size)))
+
+
+def test_eval_of_a_run_with_ema_uses_the_ema_copy_unless_told_otherwise(tmp_path: Path) -> None:
+    out = tmp_path / "ema"
+    trained = runner.invoke(app, ["train", TINY, "--out", str(out), *FAST, "--set", "train.ema_decay=0.5"])
+    assert trained.exit_code == 0, trained.output
+    args = ["eval", str(out), "--iw-samples", "2", "--images", "8", "--json"]
+    ema, raw = (json.loads(runner.invoke(app, args + flag).output) for flag in ([], ["--no-ema"]))
+    assert (ema["weights"], raw["weights"]) == ("ema", "trained")
+    assert ema["nelbo"] != raw["nelbo"]  # two different sets of weights, both kept on disk
+    written = {p.name: json.loads(p.read_text())["weights"] for p in out.glob("eval_iw2_8*.json")}
+    assert written == {"eval_iw2_8.json": "ema", "eval_iw2_8_trained.json": "trained"}

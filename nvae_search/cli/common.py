@@ -32,6 +32,13 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a recipe value before validation: dotted.key=value (value read as YAML)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+EmaOption = Annotated[
+    bool,
+    typer.Option(
+        "--ema/--no-ema",
+        help="Use the EMA copy of the weights when the run kept one (train.ema_decay); --no-ema: the trained weights.",
+    ),
+]
 TrackOption = Annotated[
     str | None, typer.Option("--track", help="Track in mlflow or wandb (or none); default: the file's tracking:.")
 ]
@@ -97,11 +104,11 @@ def fail_user(err: Exception) -> NoReturn:
     raise typer.Exit(CONFIG_EXIT_CODE)
 
 
-def _load_run_or_fail(run_dir: Path, device: str | None) -> Any:
+def _load_run_or_fail(run_dir: Path, device: str | None, ema: bool = True) -> Any:
     from ..runs import load_run
 
     try:
-        return load_run(run_dir, device)
+        return load_run(run_dir, device, ema=ema)
     except ConfigError as err:
         fail_config(err)
     except _user_errors() as err:

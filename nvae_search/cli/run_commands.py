@@ -12,6 +12,7 @@ import typer
 from ..config_io import ConfigError
 from ..status import BROKE
 from .common import (
+    EmaOption,
     JsonOption,
     SetOption,
     TrackOption,
@@ -79,12 +80,13 @@ def eval_command(
     chunk: Annotated[int | None, typer.Option("--chunk", min=1, help="Importance samples per forward pass.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="K passes one after another (slow).")] = False,
     device: Annotated[str | None, typer.Option("--device")] = None,
+    ema: EmaOption = True,
     json_output: JsonOption = False,
 ) -> None:
     """Importance-weighted NLL and NELBO on the recipe's evaluation split (nats, or bits per dim)."""
     from ..runs import evaluate_run
 
-    run = _load_run_or_fail(run_dir, device)
+    run = _load_run_or_fail(run_dir, device, ema)
     try:
         result = evaluate_run(
             run,
@@ -98,11 +100,12 @@ def eval_command(
     except _user_errors() as err:
         fail_user(err)
     if json_output:
-        typer.echo(json.dumps({"step": run.step, **result.to_dict()}, indent=2))
+        typer.echo(json.dumps({"step": run.step, "weights": run.weights, **result.to_dict()}, indent=2))
         return
     unit = result.unit
     console = _console()
-    console.print(f"[bold]{run_dir}[/] (step {run.step:,}), {result.images:,} images, K = {result.iw_samples}")
+    weights = f", {run.weights} weights" if run.has_ema else ""
+    console.print(f"[bold]{run_dir}[/] (step {run.step:,}{weights}), {result.images:,} images, K = {result.iw_samples}")
     console.print(f"  NLL   {result.nll:.4f} {unit}" + (f"  ({result.nll_nats:.2f} nats)" if unit != "nats" else ""))
     console.print(f"  NELBO {result.nelbo:.4f} {unit}")
     console.print(f"  active units per group {result.active_units}  ({result.seconds:.1f} s)")
@@ -135,11 +138,12 @@ def sample(
     temperatures: Annotated[
         str | None, typer.Option("--temperatures", help="A sweep, e.g. 0.6,0.8,1.0: one grid row per temperature.")
     ] = None,
+    ema: EmaOption = True,
 ) -> None:
     """Draw a PNG grid of samples at a temperature, optionally re-estimating BN statistics first."""
     from ..runs import sample_run
 
-    run = _load_run_or_fail(run_dir, device)
+    run = _load_run_or_fail(run_dir, device, ema)
     if fmt != "grid" or temperatures:
         sweep = _temperatures_or_fail(temperatures) if temperatures else [temperature]
         path = sample_outputs(

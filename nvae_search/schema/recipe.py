@@ -293,6 +293,12 @@ class TrainConfig(Strict):
         "spikes (see spike_factor); it keeps its objective values. Collapsed takes precedence.",
     )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of weights used for evaluation.")
+    ema_bn_batches: int = Field(
+        100,
+        ge=0,
+        description="Training batches that re-estimate the EMA copy's batch-norm statistics before it is evaluated "
+        "or sampled (averaged statistics do not fit averaged weights); 0 keeps the averaged ones.",
+    )
     log_every: int = Field(10, ge=1)
     eval_every_epochs: int | None = Field(None, ge=1)
     checkpoint_every_steps: int = Field(200, ge=1)

@@ -4,5 +4,6 @@
 - :mod:`.budget`: the run's length in steps and the learning-rate schedule that follows it;
 - :mod:`.step`: one optimizer step (loss, mixed precision, non-finite policy, clipping, EMA);
 - :mod:`.state`: checkpoints and resuming;
+- :mod:`.ema`: batch-norm statistics for the EMA copy of the weights;
 - :mod:`.logs`: metrics.jsonl, TensorBoard, the progress bar and the summary's provenance.
 """

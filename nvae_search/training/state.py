@@ -78,6 +78,7 @@ class CheckpointState:
     scaler: torch.amp.GradScaler
     spectral: SpectralRegularizer
     ema: nn.Module | None
+    ema_bn_recalibrated: bool
     tracker: StabilityTracker
     step: int
     elapsed: float
@@ -92,6 +93,8 @@ class CheckpointState:
             "scaler": self.scaler.state_dict(),
             "spectral": self.spectral.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            # Whether the EMA copy's BN statistics were re-estimated for its weights (the end of a run).
+            "ema_bn_recalibrated": self.ema_bn_recalibrated,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "rng_ranks": self.ranks.gather_rng_states(),
