@@ -2,7 +2,8 @@
 
 ``AveragedModel(use_buffers=True)`` averages the BN running statistics along with the weights, but an average of
 statistics is not the statistics of the averaged network: a 30-minute ``recipes/cpu/mnist_searched.yaml`` run with
-``ema_decay: 0.999`` evaluated at 94.38 nats (IW-100, 2,000 test images) on its averaged statistics. So, as SWA does
+``ema_decay: 0.999`` evaluated at 94.38 nats (IW-100, 2,000 test images) on its averaged statistics, 88.02 on
+re-estimated ones (its trained weights: 87.52; docs/search-campaign.md). So, as SWA does
 with ``torch.optim.swa_utils.update_bn``, the EMA copy's statistics are re-estimated on training batches before it
 is used: at the end of a run (the checkpoint then says so) and when ``eval`` or ``sample`` loads an EMA copy whose
 statistics were not re-estimated (a mid-run checkpoint). The batches and the latent noise come from the run's seed,
