@@ -55,7 +55,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device | None 
     if use_ema and not state.get("ema_bn_recalibrated"):
         _recalibrate_ema(model, recipe, dev)  # a mid-run checkpoint (or one from an older version)
     model.eval()
-    return LoadedRun(recipe, model, int(state["step"]), dev, root, "ema" if ema and has_ema else "trained", has_ema)
+    return LoadedRun(recipe, model, int(state["step"]), dev, root, "ema" if use_ema else "trained", has_ema)
 
 
 def _recalibrate_ema(model: NVAE, recipe: Recipe, device: torch.device) -> None:
