@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,16 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device | None 
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
     check_weights(model, weights, root / CHECKPOINT_NAME)
     model.load_state_dict(weights)
-    if use_ema and not state.get("ema_bn_recalibrated"):
+    if use_ema and recipe.train.ema_bn_batches and not state.get("ema_bn_recalibrated"):
         _recalibrate_ema(model, recipe, dev)  # a mid-run checkpoint (or one from an older version)
     model.eval()
     return LoadedRun(recipe, model, int(state["step"]), dev, root, "ema" if use_ema else "trained", has_ema)
+
+
+def _batch_preparation(recipe: Recipe) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the trainer's ``prepare`` does to a batch of this recipe's images (binarisation, bit depth)."""
+    binarize, num_bits = needs_binarize(recipe.data), recipe.model.output.num_x_bits
+    return lambda x: prepare_batch(x, binarize=binarize, num_bits=num_bits)
 
 
 def _recalibrate_ema(model: NVAE, recipe: Recipe, device: torch.device) -> None:
@@ -64,11 +71,10 @@ def _recalibrate_ema(model: NVAE, recipe: Recipe, device: torch.device) -> None:
 
     cfg = recipe.model
     train_set = build_dataset(recipe.data, split="train", resolution=cfg.resolution, channels=cfg.input_channels)
-    binarize = needs_binarize(recipe.data)
     recalibrate_batch_norm(
         model,
         train_set,
-        lambda x: prepare_batch(x, binarize=binarize, num_bits=cfg.output.num_x_bits),
+        _batch_preparation(recipe),
         batches=recipe.train.ema_bn_batches,
         batch_size=recipe.train.per_process_batch(1),
         seed=recipe.train.seed,
@@ -93,10 +99,7 @@ def evaluate_run(
         recipe.data, split=split, resolution=recipe.model.resolution, channels=recipe.model.input_channels
     )
     total = min(images, len(dataset)) if images else len(dataset)
-    binarize = needs_binarize(recipe.data)
-
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        return prepare_batch(x, binarize=binarize, num_bits=recipe.model.output.num_x_bits)
+    prepare = _batch_preparation(recipe)
 
     k = iw_samples or recipe.eval.iw_samples
     kwargs: dict[str, Any] = dict(
