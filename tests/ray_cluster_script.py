@@ -57,14 +57,16 @@ def main() -> None:
     trials_dir = root / space.study.name / "trials"
 
     def kill_worker_mid_trial() -> None:
-        # The node goes once Ray holds a checkpoint of the trial running on it (the checkpoint folder in the
-        # experiment, written at a known report), so the restarted attempt must resume from that step.
+        # The node goes once Ray holds a checkpoint of the trial running on it, so the restarted attempt must resume
+        # from a step >= 2. A checkpoint folder is on disk before the driver has processed its report: waiting for
+        # the second folder (step 4) makes sure the first (step 2) was registered (with the first alone, 1 full
+        # suite in 4 saw the node removed in between and the trial restarted from scratch).
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             for run_dir in trials_dir.glob("ray_*"):
                 on_worker = any(a.get("node_id") == worker.node_id for a in attempts(run_dir))
                 step = ray_checkpoint_step(root / space.study.name, run_dir.name.removeprefix("ray_"))
-                if on_worker and step >= 2:
+                if on_worker and step >= 4:
                     report.update(removed=True, removed_after_checkpoint_of_step=step, victim=run_dir.name)
                     cluster.remove_node(worker, allow_graceful=False)
                     return
