@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .memory_tracking import ShapeCache, StorageTracker
+from .memory_tracking import AffineTrace, ShapeCache, StepTrace, StorageTracker
 from .model.builder import build_model
 from .objectives import SpectralRegularizer, balanced_kl, bn_regularization, kl_balance_alpha
 from .schema import Recipe
@@ -127,11 +127,31 @@ def init_optimizer_state(parts: StepParts) -> None:
     parts.optimizer.zero_grad(set_to_none=True)
 
 
+def _zero_adamax_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adamax's state as its first step makes it (step count, first moment, infinity norm), without the step: the
+    predictor then measures a steady step, and saves simulating the first one (thousands of new fake ops)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_inf": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+
+
 def training_step(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> None:
     """The trainer's step with the warm-up's extras on (KL balancing, λ-weighted spectral and BN terms).
 
     ``scaler``: fp16's gradient scaler, as the trainer uses it (the prediction leaves it out: it scales in place).
     """
+    held = forward_backward(parts, scaler)
+    optimizer_phase(parts, scaler)
+    del held
+
+
+def forward_backward(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> tuple[Any, ...]:
+    """Forward, loss and backward of :func:`training_step`; returns what the trainer's step still holds while the
+    optimizer runs (the model's outputs and the loss), for the caller to keep alive until then."""
     loss_cfg = parts.recipe.model.loss
     model = parts.model
     parts.optimizer.zero_grad(set_to_none=True)
@@ -143,7 +163,7 @@ def training_step(parts: StepParts, scaler: torch.amp.GradScaler | None = None) 
     with autocast:
         result = model(parts.x)
         recon = model.reconstruction_loss(result.output, parts.x)
-        kl_term, _ = balanced_kl(result.kl, 0.5, parts.alpha)
+        kl_term, kl_coeffs = balanced_kl(result.kl, 0.5, parts.alpha)
         loss = (recon + kl_term).mean()
         if loss_cfg.spectral_coeff > 0:
             loss = loss + loss_cfg.spectral_coeff * parts.spectral()
@@ -154,7 +174,12 @@ def training_step(parts: StepParts, scaler: torch.amp.GradScaler | None = None) 
     else:
         scaler.scale(loss).backward()
         scaler.unscale_(parts.optimizer)
-    gradient_norm([p for p in model.parameters() if p.grad is not None])
+    return result, recon, kl_term, kl_coeffs, loss
+
+
+def optimizer_phase(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> None:
+    """The rest of :func:`training_step`: the gradient norm and the Adamax update."""
+    gradient_norm([p for p in parts.model.parameters() if p.grad is not None])
     if scaler is None:
         parts.optimizer.step()
     else:
@@ -171,12 +196,19 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
 class MemoryPredictor:
     """Builds a recipe's model once on fake tensors and predicts one training step at any batch and setting."""
 
-    def __init__(self, recipe: Recipe, device: Device = "cuda") -> None:
-        self.recipe, self.device = recipe, device
+    def __init__(self, recipe: Recipe, device: Device = "cuda", *, replay: bool = True) -> None:
+        """``replay``: after two simulated batch sizes of a setting, replay its step at other batch sizes (exact,
+        see :class:`AffineTrace`); False simulates every prediction."""
+        self.recipe, self.device, self.replay = recipe, device, replay
         self.simulated_on = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
         self.block_bytes = CUDA_BLOCK_BYTES if device == "cuda" else 1
         self._tracker: StorageTracker | None = None
         self._counted: set[int] = set()
+        # Per (precision, checkpointing): traces of simulated steps at batches >= 2, and their affine fit once two
+        # batch sizes are traced (batch 1 is always simulated: batch norm may refuse one value per channel).
+        self._traces: dict[tuple[str, str], list[StepTrace]] = {}
+        self._fits: dict[tuple[str, str], AffineTrace] = {}
+        self.replays = self.simulations = 0
         try:
             self.parts = self._build()
         except Exception:
@@ -193,10 +225,38 @@ class MemoryPredictor:
         # not kept. On CUDA torch picks the multi-tensor Adamax, whose temporaries span all parameters at once.
         with self.fake_mode, StorageTracker(shapes=self.shapes):
             parts = build_step_parts(self.recipe, 1, "fp32", False, self.device == "cuda", self.simulated_on)
-            init_optimizer_state(parts)
+            _zero_adamax_state(parts.optimizer)
+        try:
+            self.optimizer_extra_bytes = self._measure_optimizer_phase(parts)
+        except KeyError:  # this torch's Adamax keeps other state: let a first step make it, then measure the next
+            parts.optimizer.state.clear()
+            with self.fake_mode, StorageTracker(shapes=self.shapes):
+                init_optimizer_state(parts)
+            self.optimizer_extra_bytes = self._measure_optimizer_phase(parts)
         for p in parts.model.parameters():
             p.register_post_accumulate_grad_hook(self._count_grad)
         return parts
+
+    def _measure_optimizer_phase(self, parts: StepParts) -> int:
+        """Bytes the gradient norm and the Adamax update allocate above what is live when they start.
+
+        They see only parameters, gradients and optimizer state, whose shapes no batch size, precision or
+        checkpointing changes: simulated once here, added to every prediction's live bytes after the backward pass
+        (a third of a simulated step's ops are the multi-tensor Adamax's, on every parameter).
+        """
+        tracker = StorageTracker(self.block_bytes, self.shapes)
+        with self.fake_mode:
+            for p in parts.model.parameters():
+                p.grad = torch.zeros_like(p)
+                tracker.track(p.grad, "grads")
+            for t in (*parts.model.parameters(), *_state_tensors(parts.optimizer)):
+                tracker.track(t, "params")
+            start = tracker.current
+            tracker.reset_peak()
+            with tracker:
+                optimizer_phase(parts)
+            parts.optimizer.zero_grad(set_to_none=True)
+        return tracker.peak - start
 
     def _simulate_on_cpu(self) -> None:
         # Fake CUDA tensors failed on this torch build or machine: simulate on the CPU (CPU autocast rules) instead.
@@ -207,7 +267,11 @@ class MemoryPredictor:
         # set_to_none at the start of each step: a gradient is allocated once per parameter per step.
         if self._tracker is not None and id(p) not in self._counted and p.grad is not None:
             self._counted.add(id(p))
-            self._tracker.grads += self._tracker._size(p.grad.untyped_storage())
+            self._tracker.add_grad(p.grad.untyped_storage())
+
+    def can_replay(self, precision: str, checkpointing: str) -> bool:
+        """Whether steps at this setting are replayed from two traced batch sizes instead of simulated."""
+        return (resolve_precision(precision, self.device), checkpointing) in self._fits
 
     def predict(
         self, batch: int | None = None, precision: str | None = None, checkpointing: str | None = None
@@ -230,9 +294,25 @@ class MemoryPredictor:
             return self._predict(batch, prec, ckpt)
 
     def _predict(self, batch: int, prec: Precision, ckpt: str) -> MemoryPrediction:
-        recipe, parts = self.recipe, self.parts
-        tracker = StorageTracker(self.block_bytes, self.shapes)
-        cfg = recipe.model
+        fit = self._fits.get((prec, ckpt)) if batch >= 2 else None
+        if fit is not None:
+            self.replays += 1
+            peak, kinds = fit.replay(batch, self.block_bytes, self.optimizer_extra_bytes)
+        else:
+            peak, kinds = self._simulate(batch, prec, ckpt)
+        ema = kinds.get("params", 0) if self.recipe.train.ema_decay else 0  # AveragedModel: copy of params, buffers
+        params, grads, opt = kinds.get("params", 0) + ema, kinds.get("grads", 0), kinds.get("optimizer", 0)
+        peak += ema
+        return MemoryPrediction(
+            self.device, batch, prec, ckpt, peak, params, grads, opt, peak - params - grads - opt, self.simulated_on
+        )
+
+    def _simulate(self, batch: int, prec: Precision, ckpt: str) -> tuple[int, dict[str, int]]:
+        """One training step on fake tensors; its storage events are kept for replays at other batch sizes."""
+        self.simulations += 1
+        parts, cfg = self.parts, self.recipe.model
+        trace = StepTrace(batch)
+        tracker = StorageTracker(self.block_bytes, self.shapes, trace)
         with self.fake_mode:
             parts.model.set_checkpointing(ckpt == "cell")
             parts.autocast_dtype = _AUTOCAST_DTYPES.get(prec)
@@ -246,18 +326,25 @@ class MemoryPredictor:
             self._tracker, self._counted = tracker, set()
             try:
                 with tracker:
-                    training_step(parts)
+                    held = forward_backward(parts)
+                trace.mark("end")
+                # The optimizer phase, from its measured allocations on top of what is live when it starts.
+                if tracker.current + self.optimizer_extra_bytes > tracker.peak:
+                    tracker.peak = tracker.current + self.optimizer_extra_bytes
+                    tracker.peak_by_kind = {**tracker.by_kind, "grads": tracker.grads}
+                del held
             finally:
                 self._tracker = None
                 parts.optimizer.zero_grad(set_to_none=True)
                 parts.x = parts.x.new_empty(0)
-        kinds = tracker.peak_by_kind
-        ema = kinds.get("params", 0) if recipe.train.ema_decay else 0  # AveragedModel: a copy of params and buffers
-        params, grads, opt = kinds.get("params", 0) + ema, kinds.get("grads", 0), kinds.get("optimizer", 0)
-        peak = tracker.peak + ema
-        return MemoryPrediction(
-            self.device, batch, prec, ckpt, peak, params, grads, opt, peak - params - grads - opt, self.simulated_on
-        )
+        if self.replay and batch >= 2 and (prec, ckpt) not in self._fits:
+            traces = [*[t for t in self._traces.setdefault((prec, ckpt), []) if t.batch != batch][-1:], trace]
+            self._traces[(prec, ckpt)] = traces
+            fit = AffineTrace.fit(*traces) if len(traces) == 2 else None
+            if fit is not None:
+                self._fits[(prec, ckpt)] = fit
+                del self._traces[(prec, ckpt)]
+        return tracker.peak, tracker.peak_by_kind
 
 
 def predict_step_memory(
@@ -287,9 +374,11 @@ def largest_batches(
 ) -> dict[str, int]:
     """The largest batch whose predicted peak stays within each limit in bytes (0: not even the smallest batch).
 
-    Memory is affine in the batch: two predictions give the line. The guess for the first size is checked with a
-    third prediction; only if the line missed it by more than 1 % is every guess checked and moved down until it
-    fits (each prediction costs a simulated step, so the usual cost is three).
+    Two simulated steps (the base batch and twice it) let the predictor replay the step at any batch of 2 or more
+    (:class:`AffineTrace`), so each limit gets an exact search (doubling, then bisection; batch 1 is simulated only
+    when batch 2 does not fit). Where the two steps' traces do not line up, memory is taken as affine in the batch:
+    two predictions give the line, a third checks its guess for the first size, and only if the line missed by more
+    than 1 % is every guess checked and moved down until it fits.
     """
     cache = {base.batch: base.peak_bytes}
 
@@ -303,6 +392,8 @@ def largest_batches(
 
     b1 = max(base.batch, 2)
     per_image = max((peak(2 * b1) - peak(b1)) / b1, 1.0)
+    if predictor.can_replay(base.precision, base.checkpointing):
+        return {name: _largest_within(peak, limit, cap) for name, limit in limits.items()}
     fixed = peak(b1) - per_image * b1
     guesses = {name: min(cap, max(0, int((limit - fixed) / per_image))) for name, limit in limits.items()}
     probe = next((g for g in guesses.values() if g >= 1), 0)
@@ -314,6 +405,26 @@ def largest_batches(
             guess = max(0, min(guess - 1, int(guess * 0.97)))
         result[name] = guess
     return result
+
+
+def _largest_within(peak: Callable[[int], float], limit: int, cap: int) -> int:
+    """The largest batch in [1, cap] with ``peak(batch) <= limit`` (0 if none); the peak grows with the batch."""
+    if peak(2) > limit:
+        return 1 if peak(1) <= limit else 0
+    fits_, over = 2, cap + 1
+    while fits_ * 2 <= cap:
+        if peak(fits_ * 2) > limit:
+            over = fits_ * 2
+            break
+        fits_ *= 2
+    else:
+        if peak(cap) <= limit:
+            return cap
+        over = cap
+    while over - fits_ > 1:
+        middle = (fits_ + over) // 2
+        fits_, over = (middle, over) if peak(middle) <= limit else (fits_, middle)
+    return fits_
 
 
 def memory_report(

@@ -9,10 +9,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["ShapeCache", "StorageTracker"]
+__all__ = ["AffineTrace", "ShapeCache", "StepTrace", "StorageTracker"]
 
 _DEVICE = torch.ops.prim.device.default
 
@@ -26,14 +27,14 @@ class StorageTracker(TorchDispatchMode):
     is past its first call: 4 iterations, not 40), flags False (data-dependent init done, nothing non-finite).
     """
 
-    def __init__(self, block_bytes: int = 1, shapes: ShapeCache | None = None) -> None:
+    def __init__(self, block_bytes: int = 1, shapes: ShapeCache | None = None, trace: StepTrace | None = None) -> None:
         from torch._subclasses.fake_tensor import FakeTensor
 
         super().__init__()
-        self.shapes = shapes
+        self.shapes, self.trace = shapes, trace
         self._fake_type = FakeTensor
         self.block_bytes = block_bytes
-        self._live: dict[int, tuple[weakref.ref[Any], int, str]] = {}
+        self._live: dict[int, tuple[weakref.ref[Any], int, str, int]] = {}
         self.current = 0
         self.by_kind: dict[str, int] = {}
         self.peak = 0
@@ -51,7 +52,8 @@ class StorageTracker(TorchDispatchMode):
         if entry is not None and entry[0]() is storage:
             return  # a view of, or the same tensor as, one already counted
         size, kind = self._size(storage), kind or self.kind
-        self._live[key] = (weakref.ref(storage, self._released(key)), size, kind)
+        index = self.trace.alloc(storage.nbytes(), kind) if self.trace is not None else -1
+        self._live[key] = (weakref.ref(storage, self._released(key)), size, kind, index)
         self.current += size
         self.by_kind[kind] = self.by_kind.get(kind, 0) + size
         if self.current > self.peak:
@@ -64,12 +66,22 @@ class StorageTracker(TorchDispatchMode):
             if entry is None or entry[0] is not ref:
                 return
             del self._live[key]
+            if self.trace is not None:
+                self.trace.free(entry[3])
             self.current -= entry[1]
             self.by_kind[entry[2]] -= entry[1]
 
         return release
 
+    def add_grad(self, storage: torch.UntypedStorage) -> None:
+        """A parameter's gradient, counted apart (it is also live as the backward op's output)."""
+        self.grads += self._size(storage)
+        if self.trace is not None:
+            self.trace.grad(storage.nbytes())
+
     def reset_peak(self) -> None:
+        if self.trace is not None:
+            self.trace.mark("reset")
         self.peak = self.current
         self.peak_by_kind = {**self.by_kind, "grads": self.grads}
 
@@ -80,7 +92,11 @@ class StorageTracker(TorchDispatchMode):
         if func is _DEVICE and type(args[0]) is self._fake_type:
             return args[0].fake_device  # asked by every `.device` (12,000 times a step of a small recipe)
         key = self.shapes.key(func, args, kwargs) if self.shapes is not None else None
-        out = self.shapes.replay(key, args) if key is not None else None
+        out = None
+        if key is not None:
+            out = self.shapes.replay(key, args)
+            if out is None:
+                out = self.shapes.compute(key, func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
             if key is not None:
@@ -106,7 +122,8 @@ class ShapeCache:
         self.fake_mode, self._fake_type = fake_mode, FakeTensor
         self._entries: dict[Any, Any] = {}
         self._kinds: dict[Any, str | None] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.computed = 0
+        self._meta_ok: dict[Any, bool] = {}
 
     def _kind(self, func: Any) -> str | None:
         """``fresh``: returns new tensors only; ``self``: updates its first argument's data in place and returns it
@@ -165,6 +182,44 @@ class ShapeCache:
             outs = [None if m is None else self._make(*m) for m in metas]
         return outs[0] if kind == "one" else (tuple(outs) if kind == "tuple" else outs)
 
+    def compute(self, key: Any, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """A new op of kind ``fresh`` run on plain meta tensors (torch's meta kernel, in C++) instead of through the
+        fake mode's general dispatch, its outputs made fake on the inputs' device and memoised; None where that
+        cannot stand in for the fake mode: the op is not fresh, its tensors lie on several devices, it names a
+        device, or it has no meta kernel (the fake mode then runs it, with its own fallbacks)."""
+        if self._kind(func) != "fresh" or "device" in kwargs or not self._meta_stands_in(func):
+            return None
+        devices: set[Any] = set()
+        try:
+            with torch._C._DisableTorchDispatch():
+                meta_args = _to_meta(args, devices)
+                meta_kwargs = {k: _to_meta(v, devices) for k, v in kwargs.items()}
+                if len(devices) != 1:
+                    return None
+                out = func(*meta_args, **meta_kwargs)
+        except Exception:
+            self._meta_ok[func] = False
+            return None
+        (device,) = devices
+        with torch._C._DisableTorchDispatch():
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if not all(t is None or (isinstance(t, torch.Tensor) and t.device.type == "meta") for t in outs):
+                self._meta_ok[func] = False
+                return None
+            fakes = [None if t is None else self._fake_type(self.fake_mode, t, device) for t in outs]
+        result = fakes[0] if isinstance(out, torch.Tensor) else type(out)(fakes)
+        self.computed += 1
+        self.record(key, args, result)
+        return result
+
+    def _meta_stands_in(self, func: Any) -> bool:
+        if func not in self._meta_ok:
+            try:
+                self._meta_ok[func] = _fake_mode_runs_meta_kernel(self.fake_mode, func)
+            except Exception:  # torch internals moved: every new op through the fake mode, as before
+                self._meta_ok[func] = False
+        return self._meta_ok[func]
+
     def _make(self, shape: Any, stride: Any, dtype: Any, device: Any) -> torch.Tensor:
         meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
         return self._fake_type(self.fake_mode, meta, device)
@@ -195,6 +250,149 @@ class ShapeCache:
             else:
                 return
         self._entries[key] = (kind, metas)
+
+
+def _fake_mode_runs_meta_kernel(fake_mode: Any, func: Any) -> bool:
+    """Whether the fake mode itself would answer ``func`` with its meta kernel (the order of its dispatch), rather
+    than a decomposition or one of its own device-aware implementations (convolutions' layouts, constructors, ...),
+    whose outputs may differ from the bare meta kernel's (e.g. batch norm's saved statistics in half precision)."""
+    from torch._decomp import decomposition_table, meta_table
+    from torch._subclasses import fake_impls
+    from torch._subclasses.fake_tensor import torch_decomp_decompositions
+
+    if func not in meta_table and not fake_mode.cpp_meta_supports_symint(func):
+        if func in decomposition_table and torch_decomp_decompositions(func):
+            return False
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            return False
+    if "prims::" in func._schema.name or torch._library.simple_registry.singleton.find(func.name()).fake_impl.kernel:
+        return False
+    if any(check(func) for check, _ in fake_impls.op_implementations_checks):
+        return False
+    return bool(fake_impls.has_meta(func))
+
+
+def _to_meta(a: Any, devices: set[Any]) -> Any:
+    """A plain meta tensor of each (fake) tensor's shape, strides and dtype; the fake devices go to ``devices``."""
+    if isinstance(a, torch.Tensor):
+        devices.add(a.fake_device)
+        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_to_meta(b, devices) for b in a)
+    return a
+
+
+class StepTrace:
+    """The storage events of one simulated step in order: allocations (bytes before rounding, kind), releases (of
+    which allocation), gradients, and marks (``reset``: where the peak starts to count; ``end``: where the
+    optimizer phase starts). The same step at another batch makes the same events with other sizes."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.types: list[int] = []  # 0 allocation, 1 release, 2 gradient, 3 reset, 4 end
+        self.values: list[int] = []  # allocation / gradient: bytes; release: the allocation's index
+        self.kinds: list[str] = []  # per allocation
+        self.sizes: list[int] = []  # per allocation
+
+    def alloc(self, nbytes: int, kind: str) -> int:
+        self.types.append(0)
+        self.values.append(len(self.sizes))
+        self.sizes.append(nbytes)
+        self.kinds.append(kind)
+        return len(self.sizes) - 1
+
+    def free(self, index: int) -> None:
+        self.types.append(1)
+        self.values.append(index)
+
+    def grad(self, nbytes: int) -> None:
+        self.types.append(2)
+        self.values.append(nbytes)
+
+    def mark(self, what: str) -> None:
+        self.types.append({"reset": 3, "end": 4}[what])
+        self.values.append(0)
+
+
+class AffineTrace:
+    """Two traces of one step at two batch sizes, each event's bytes an affine function of the batch: the step's
+    peak at any other batch, by replaying the events (no tensors, no dispatch: a millisecond instead of a simulated
+    step). :meth:`fit` returns None where the traces do not line up event for event or a size is not affine with
+    whole bytes per image; the caller then simulates."""
+
+    def __init__(self, types: Any, refs: Any, kinds: list[str], alloc_a: Any, alloc_b: Any, grad_a: Any, grad_b: Any):
+        self.types, self.refs, self.kind_names = types, refs, sorted(set(kinds))
+        self.kind_codes = np.array([self.kind_names.index(k) for k in kinds], dtype=np.int64)
+        self.alloc_a, self.alloc_b, self.grad_a, self.grad_b = alloc_a, alloc_b, grad_a, grad_b
+
+    @classmethod
+    def fit(cls, one: StepTrace, two: StepTrace) -> AffineTrace | None:
+        if one.batch == two.batch or one.types != two.types or one.kinds != two.kinds:
+            return None
+        types = np.array(one.types, dtype=np.int8)
+        v1, v2 = (_sorted_release_runs(types, np.array(t.values, dtype=np.int64)) for t in (one, two))
+        if not np.array_equal(v1[types == 1], v2[types == 1]) or (types == 3).sum() != 1 or (types == 4).sum() != 1:
+            return None
+        lines = [
+            _affine(np.array(a, dtype=np.int64), np.array(b, dtype=np.int64), one.batch, two.batch)
+            for a, b in ((one.sizes, two.sizes), (v1[types == 2], v2[types == 2]))
+        ]
+        if any(line is None for line in lines):
+            return None
+        (alloc_a, alloc_b), (grad_a, grad_b) = lines  # type: ignore[misc]
+        return cls(types, np.where(types == 1, v1, 0), one.kinds, alloc_a, alloc_b, grad_a, grad_b)
+
+    def replay(self, batch: int, block_bytes: int, after_end: int = 0) -> tuple[int, dict[str, int]]:
+        """Peak live bytes and their kinds (``grads`` apart), as :class:`StorageTracker` keeps them, at ``batch``;
+        ``after_end``: bytes the optimizer phase adds on top of what is live at the ``end`` mark."""
+        sizes = _rounded(self.alloc_a + self.alloc_b * batch, block_bytes)
+        grads = _rounded(self.grad_a + self.grad_b * batch, block_bytes)
+        types = self.types
+        alloc_at = np.flatnonzero(types == 0)
+        free_at = np.flatnonzero(types == 1)
+        delta = np.zeros(len(types), dtype=np.int64)
+        delta[alloc_at] = sizes
+        delta[free_at] = -sizes[self.refs[free_at]]
+        current = np.cumsum(delta)
+        grad_delta = np.zeros(len(types), dtype=np.int64)
+        grad_delta[types == 2] = grads
+        grads_live = np.cumsum(grad_delta)
+        reset, end = int(np.flatnonzero(types == 3)[0]), int(np.flatnonzero(types == 4)[0])
+        at = reset + int(np.argmax(current[reset : end + 1]))
+        peak = int(current[at])
+        if int(current[end]) + after_end > peak:
+            at, peak = end, int(current[end]) + after_end
+        event_kind = np.full(len(types), -1, dtype=np.int64)
+        event_kind[alloc_at] = self.kind_codes
+        event_kind[free_at] = self.kind_codes[self.refs[free_at]]
+        kinds = {
+            name: int(delta[: at + 1][event_kind[: at + 1] == code].sum()) for code, name in enumerate(self.kind_names)
+        }
+        return peak, {**kinds, "grads": int(grads_live[at])}
+
+
+def _sorted_release_runs(types: Any, values: Any) -> Any:
+    """Releases in a row (a container of tensors freed at once) come in no fixed order; none of them can be a peak,
+    so each run is put in index order before two traces are compared."""
+    values = values.copy()
+    released = types == 1
+    run = np.cumsum(released & np.r_[True, ~released[:-1]])
+    at = np.flatnonzero(released)
+    values[at] = values[at][np.lexsort((values[at], run[at]))]
+    return values
+
+
+def _affine(one: Any, two: Any, b1: int, b2: int) -> tuple[Any, Any] | None:
+    """Per-event bytes at batch 0 and per image through two batch sizes, or None unless both are whole and >= 0."""
+    per_image, remainder = np.divmod(two - one, b2 - b1)
+    intercept = one - per_image * b1
+    if remainder.any() or (per_image < 0).any() or (intercept < 0).any():
+        return None
+    return intercept, per_image
+
+
+def _rounded(nbytes: Any, block_bytes: int) -> Any:
+    return (nbytes + block_bytes - 1) // block_bytes * block_bytes
 
 
 def _span(t: torch.Tensor) -> int:

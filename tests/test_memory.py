@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner, Result
 
-from nvae_search import memory
+from nvae_search import memory, memory_tracking
 from nvae_search.cli import app
 from nvae_search.profile import STEP_MEMORY, _measure_steps
 from nvae_search.schema import load_recipe
@@ -133,27 +133,130 @@ def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredict
     assert memory.resolve_precision("auto", "cuda") == "fp16" and memory.resolve_precision("auto", "cpu") == "fp32"
 
 
-def test_the_shape_cache_speeds_up_without_changing_any_figure(tiny_predictor: memory.MemoryPredictor) -> None:
-    settings = [(8, "fp32", "off"), (8, "fp16", "cell")]
-    cache = tiny_predictor.shapes
-    hits = cache.hits
-    cached = [tiny_predictor.predict(*s) for s in settings]
-    assert cache.hits > hits  # replayed ops, not a cache that is never used
+def test_the_shape_cache_speeds_up_without_changing_any_figure() -> None:
+    """Ops seen before are replayed from the memo, new ones run on bare meta kernels where the fake mode itself would:
+    every figure as with every op through the fake mode."""
+    predictor = memory.MemoryPredictor(load_recipe(TINY), device="cuda", replay=False)
+    settings = [(8, "fp32", "off"), (8, "fp16", "cell"), (3, "fp16", "off")]
+    cache = predictor.shapes
+    assert cache is not None
+    hits, computed = cache.hits, cache.computed
+    cached = [predictor.predict(*s) for s in settings]
+    assert cache.hits > hits and cache.computed > computed  # both shortcuts used, not a memo that never answers
     try:
-        tiny_predictor.shapes = None  # every op through the fake mode
-        plain = [tiny_predictor.predict(*s) for s in settings]
+        predictor.shapes = None  # every op through the fake mode
+        plain = [predictor.predict(*s) for s in settings]
     finally:
-        tiny_predictor.shapes = cache
+        predictor.shapes = cache
     assert cached == plain
 
 
-def test_largest_batch_fits_and_one_more_does_not(tiny_predictor: memory.MemoryPredictor) -> None:
-    base = tiny_predictor.predict(4, "fp32", "off")
-    limit = 3 * base.peak_bytes
-    largest = memory.largest_batches(tiny_predictor, base, {"small": limit})["small"]
-    assert largest > 4
-    assert tiny_predictor.predict(largest, "fp32", "off").peak_bytes <= limit
-    assert tiny_predictor.predict(largest + 1, "fp32", "off").peak_bytes > limit
+def whole_step_peak_bytes(recipe_path: Path, batch: int, precision: str, checkpointing: str) -> int:
+    """Peak of the whole training step simulated op by op on fake tensors, optimizer included, with CUDA's blocks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    recipe = load_recipe(recipe_path)
+    with FakeTensorMode(), memory.StorageTracker():
+        parts = memory.build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=True)  # type: ignore[arg-type]
+        memory.init_optimizer_state(parts)
+        tracker = memory.StorageTracker(block_bytes=512)
+        for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
+            tracker.track(t)
+        for state in parts.optimizer.state.values():
+            for t in state.values():
+                tracker.track(t)
+        tracker.reset_peak()
+        with tracker:
+            memory.training_step(parts)
+    return tracker.peak
+
+
+@pytest.mark.parametrize(
+    ("recipe", "batch", "precision", "checkpointing"),
+    [("cpu/tiny", 1, "fp32", "cell"), ("cpu/tiny", 8, "fp16", "off"), ("cpu/mnist_searched", 2, "fp32", "cell")],
+)
+def test_the_optimizer_phase_measured_once_gives_the_whole_steps_peak(
+    recipe: str, batch: int, precision: str, checkpointing: str
+) -> None:
+    """The gradient norm and Adamax are simulated once per predictor and added after the backward pass: the same
+    peak as the whole step simulated op by op (at small batches with checkpointing the optimizer phase is the peak)."""
+    path = ROOT / "recipes" / f"{recipe}.yaml"
+    predicted = memory.MemoryPredictor(load_recipe(path), device="cuda", replay=False).predict(
+        batch, precision, checkpointing
+    )
+    assert predicted.peak_bytes == whole_step_peak_bytes(path, batch, precision, checkpointing)
+
+
+@pytest.mark.parametrize("recipe", ["cpu/tiny", "cpu/mnist_searched"])
+def test_replayed_steps_equal_simulated_ones(recipe: str) -> None:
+    """After two simulated batch sizes a setting's step is replayed from its storage events at any other batch:
+    every figure equal to a simulation, for each precision and checkpointing."""
+    recipe_ = load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
+    fast, slow = memory.MemoryPredictor(recipe_, "cuda"), memory.MemoryPredictor(recipe_, "cuda", replay=False)
+    for precision, checkpointing in [("fp32", "off"), ("fp16", "cell")]:
+        fast.predict(3, precision, checkpointing), fast.predict(5, precision, checkpointing)
+        assert fast.can_replay(precision, checkpointing)
+        simulations = fast.simulations
+        for batch in (2, 7, 16):
+            assert fast.predict(batch, precision, checkpointing) == slow.predict(batch, precision, checkpointing)
+        assert fast.simulations == simulations and fast.replays >= 3
+    assert not slow.can_replay("fp32", "off")
+
+
+def _trace(batch: int, events: list[tuple[str, int]]) -> memory_tracking.StepTrace:
+    trace = memory_tracking.StepTrace(batch)
+    allocs: list[int] = []
+    for what, value in events:
+        if what == "alloc":
+            allocs.append(trace.alloc(value, "activations"))
+        elif what == "free":
+            trace.free(allocs[value])
+        else:
+            trace.mark(what)
+    return trace
+
+
+def test_a_trace_replays_exactly_and_refuses_what_it_cannot_replay() -> None:
+    def step(batch: int, release_order: tuple[int, int] = (1, 2), params: int = 1000) -> memory_tracking.StepTrace:
+        return _trace(
+            batch,
+            [
+                *[("alloc", params), ("reset", 0), ("alloc", 10 * batch), ("alloc", 100 * batch + 4), ("alloc", 7)],
+                *[("free", release_order[0]), ("free", release_order[1]), ("alloc", 30 * batch), ("end", 0)],
+            ],
+        )
+
+    fit = memory_tracking.AffineTrace.fit(step(2), step(4, release_order=(2, 1)))  # frees in a row: any order
+    assert fit is not None
+    peak, kinds = fit.replay(9, block_bytes=1)
+    assert peak == 1000 + 90 + 904 + 7 and kinds == {"activations": peak, "grads": 0}
+    assert fit.replay(9, block_bytes=512)[0] == 512 * (2 + 1 + 2 + 1)  # each storage in whole CUDA blocks
+    assert fit.replay(9, block_bytes=1, after_end=2000)[0] == 1000 + 7 + 270 + 2000  # the optimizer phase's peak
+    assert memory_tracking.AffineTrace.fit(step(2), step(2)) is None  # one batch size gives no line
+    assert memory_tracking.AffineTrace.fit(step(2), step(5)) is not None
+
+    def one_alloc(batch: int, nbytes: int) -> memory_tracking.StepTrace:
+        return _trace(batch, [("alloc", 1000), ("reset", 0), ("alloc", nbytes), ("end", 0)])
+
+    assert memory_tracking.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 41)) is None  # 10.5 bytes per image
+    assert memory_tracking.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 60)) is None  # -20 bytes at batch 0
+    assert memory_tracking.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 40)) is not None
+    assert memory_tracking.AffineTrace.fit(step(2), one_alloc(4, 40)) is None  # other events: another step
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_largest_batch_fits_and_one_more_does_not(replay: bool) -> None:
+    predictor = memory.MemoryPredictor(load_recipe(TINY), device="cuda", replay=replay)
+    base = predictor.predict(4, "fp32", "off")
+    limits = {"small": 3 * base.peak_bytes, "large": 20 * base.peak_bytes}
+    largest = memory.largest_batches(predictor, base, limits)
+    if replay:  # the base batch and twice it simulated, every other batch replayed
+        assert predictor.simulations == 2 and predictor.replays > 5
+    check = memory.MemoryPredictor(load_recipe(TINY), device="cuda", replay=False)
+    for name, limit in limits.items():
+        assert largest[name] > 4
+        assert check.predict(largest[name], "fp32", "off").peak_bytes <= limit
+        assert check.predict(largest[name] + 1, "fp32", "off").peak_bytes > limit
 
 
 def test_validate_json_adds_memory_and_text_says_what_fits(tiny_predictor: memory.MemoryPredictor) -> None:
