@@ -147,7 +147,7 @@ def gpu_train_setting(recipe: Recipe, batch: int, precision: str, checkpointing:
 
 
 def _measure_train(recipe: Recipe, batch: int, precision: str, checkpointing: str, steps: int) -> dict[str, Any]:
-    from .memory import build_step_parts, init_optimizer_state, training_step
+    from .memory_step import build_step_parts, init_optimizer_state, training_step
 
     torch.manual_seed(0)
     parts = build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=True, device="cuda")  # type: ignore[arg-type]

@@ -13,21 +13,27 @@ device: CUDA's 512-byte allocation granularity and the multi-tensor (``foreach``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
+from .memory_step import (
+    AUTOCAST_DTYPES,
+    Precision,
+    StepParts,
+    build_step_parts,
+    forward_backward,
+    init_optimizer_state,
+    state_tensors,
+    update,
+    zero_adamax_state,
+)
 from .memory_tracking import AffineTrace, ShapeCache, StepTrace, StorageTracker
-from .model.builder import build_model
-from .objectives import SpectralRegularizer, balanced_kl, bn_regularization, kl_balance_alpha
 from .schema import Recipe
-from .telemetry import gradient_norm
 
 GIB = 1024**3
 GPU_SIZES_GB = (16, 24, 40, 80)
@@ -37,10 +43,8 @@ CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every CUDA ten
 CONTEXT_RESERVE_BYTES = GIB // 2
 FRAGMENTATION_RESERVE = 0.10
 
-Precision = Literal["fp32", "bf16", "fp16"]
 Checkpointing = Literal["off", "cell"]
 Device = Literal["cuda", "cpu"]
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -75,131 +79,7 @@ def resolve_precision(precision: str, device: str) -> Precision:
     return precision  # type: ignore[return-value]
 
 
-# ------------------------------------------------------------------------------------- one step
-@dataclass
-class StepParts:
-    """What one training step touches; built on fake or real tensors alike."""
-
-    model: nn.Module
-    spectral: SpectralRegularizer
-    optimizer: torch.optim.Optimizer
-    alpha: torch.Tensor | None
-    x: torch.Tensor
-    recipe: Recipe
-    autocast_dtype: torch.dtype | None
-
-
-def build_step_parts(
-    recipe: Recipe, batch: int, precision: Precision, checkpointing: bool, foreach: bool, device: str = "cpu"
-) -> StepParts:
-    """Model, regulariser and optimizer as the trainer makes them, and one input batch of the recipe's shape."""
-    # Built under the device as default device, not moved: moving fake parameters fails (they cannot be swapped).
-    with torch.device(device) if device != "cpu" else contextlib.nullcontext():
-        return _build_step_parts(recipe, batch, precision, checkpointing, foreach, device)
-
-
-def _build_step_parts(
-    recipe: Recipe, batch: int, precision: Precision, checkpointing: bool, foreach: bool, device: str
-) -> StepParts:
-    cfg = recipe.model
-    model = build_model(cfg).train()
-    model.set_checkpointing(checkpointing)
-    spectral = SpectralRegularizer(model, cfg.loss.spectral_power_iters)
-    optimizer = torch.optim.Adamax(
-        model.parameters(),
-        lr=recipe.train.learning_rate,
-        eps=recipe.train.adamax_eps,
-        weight_decay=recipe.train.weight_decay,
-        foreach=foreach,
-    )
-    alpha = kl_balance_alpha(list(reversed(cfg.groups_per_scale())), cfg.loss.kl_balance_rule)
-    x = torch.rand(batch, cfg.input_channels, cfg.resolution, cfg.resolution, device=device)
-    return StepParts(
-        model, spectral, optimizer, alpha if cfg.loss.kl_balance else None, x, recipe, _AUTOCAST_DTYPES.get(precision)
-    )
-
-
-def init_optimizer_state(parts: StepParts) -> None:
-    """Adamax allocates its state at the first step: make it exist, as in every step after the first."""
-    for p in parts.model.parameters():
-        p.grad = torch.zeros_like(p)
-    parts.optimizer.step()
-    parts.optimizer.zero_grad(set_to_none=True)
-
-
-def _zero_adamax_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Adamax's state as its first step makes it (step count, first moment, infinity norm), without the step: the
-    predictor then measures a steady step, and saves simulating the first one (thousands of new fake ops)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p] = {
-                "step": torch.tensor(0.0),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_inf": torch.zeros_like(p, memory_format=torch.preserve_format),
-            }
-    return optimizer
-
-
-def training_step(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> None:
-    """The trainer's step with the warm-up's extras on (KL balancing, λ-weighted spectral and BN terms).
-
-    ``scaler``: fp16's gradient scaler, as the trainer uses it (the prediction leaves it out: it scales in place).
-    """
-    held = forward_backward(parts, scaler)
-    optimizer_phase(parts, scaler)
-    del held
-
-
-def forward_backward(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> tuple[Any, ...]:
-    """Forward, loss and backward of :func:`training_step`; returns what the trainer's step still holds while the
-    optimizer runs (the model's outputs and the loss), for the caller to keep alive until then."""
-    loss_cfg = parts.recipe.model.loss
-    model = parts.model
-    parts.optimizer.zero_grad(set_to_none=True)
-    autocast = (
-        torch.autocast(parts.x.device.type, dtype=parts.autocast_dtype)
-        if parts.autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        result = model(parts.x)
-        recon = model.reconstruction_loss(result.output, parts.x)
-        kl_term, kl_coeffs = balanced_kl(result.kl, 0.5, parts.alpha)
-        loss = (recon + kl_term).mean()
-        if loss_cfg.spectral_coeff > 0:
-            loss = loss + loss_cfg.spectral_coeff * parts.spectral()
-            if loss_cfg.bn_regularization:
-                loss = loss + loss_cfg.spectral_coeff * bn_regularization(model).to(loss.device)
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
-        scaler.unscale_(parts.optimizer)
-    return result, recon, kl_term, kl_coeffs, loss
-
-
-def optimizer_phase(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> None:
-    """The rest of :func:`training_step`: the gradient norm and the Adamax update."""
-    _update(list(parts.model.parameters()), parts.optimizer, scaler)
-
-
-def _update(
-    parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
-) -> None:
-    gradient_norm([p for p in parameters if p.grad is not None])
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
-
-
 # ------------------------------------------------------------------------------------- prediction
-def _state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
-    for state in optimizer.state.values():
-        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-
-
 class MemoryPredictor:
     """Builds a recipe's model once on fake tensors and predicts one training step at any batch and setting."""
 
@@ -232,7 +112,7 @@ class MemoryPredictor:
         # not kept. On CUDA torch picks the multi-tensor Adamax, whose temporaries span all parameters at once.
         with self.fake_mode, StorageTracker(shapes=self.shapes):
             parts = build_step_parts(self.recipe, 1, "fp32", False, self.device == "cuda", self.simulated_on)
-            _zero_adamax_state(parts.optimizer)
+            zero_adamax_state(parts.optimizer)
         try:
             self.optimizer_extra_bytes = self._measure_optimizer_phase(parts)
         except KeyError:  # this torch's Adamax keeps other state: let a first step make it, then measure the next
@@ -259,7 +139,7 @@ class MemoryPredictor:
                     torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="meta")
                     for p in parts.model.parameters()
                 ],
-                lambda params: _zero_adamax_state(torch.optim.Adamax(params, **parts.optimizer.defaults)),
+                lambda params: zero_adamax_state(torch.optim.Adamax(params, **parts.optimizer.defaults)),
             )
         except Exception:
             with self.fake_mode:
@@ -273,13 +153,13 @@ class MemoryPredictor:
         for p in params:
             p.grad = torch.zeros_like(p)
             tracker.track(p.grad, "grads")
-        for t in (*params, *_state_tensors(optimizer)):
+        for t in (*params, *state_tensors(optimizer)):
             tracker.track(t, "params")
         start = tracker.current
         tracker.reset_peak()
         try:
             with tracker:
-                _update(params, optimizer)
+                update(params, optimizer)
         finally:
             optimizer.zero_grad(set_to_none=True)
         return tracker.peak - start
@@ -287,6 +167,8 @@ class MemoryPredictor:
     def _simulate_on_cpu(self) -> None:
         # Fake CUDA tensors failed on this torch build or machine: simulate on the CPU (CPU autocast rules) instead.
         self.simulated_on = "cpu"
+        self._traces.clear()  # traced under CUDA's rules: not to be mixed with the CPU's
+        self._fits.clear()
         self.parts = self._build()
 
     def _count_grad(self, p: torch.Tensor) -> None:
@@ -341,11 +223,11 @@ class MemoryPredictor:
         tracker = StorageTracker(self.block_bytes, self.shapes, trace)
         with self.fake_mode:
             parts.model.set_checkpointing(ckpt == "cell")
-            parts.autocast_dtype = _AUTOCAST_DTYPES.get(prec)
+            parts.autocast_dtype = AUTOCAST_DTYPES.get(prec)
             parts.x = torch.rand(batch, cfg.input_channels, cfg.resolution, cfg.resolution, device=self.simulated_on)
             for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers()):
                 tracker.track(t, "params")
-            for t in _state_tensors(parts.optimizer):
+            for t in state_tensors(parts.optimizer):
                 tracker.track(t, "optimizer")
             tracker.track(parts.x, "activations")
             tracker.reset_peak()

@@ -217,7 +217,7 @@ def _step_state(job: dict[str, Any]) -> tuple[Any, Any, Any]:
 
     import torch
 
-    from .memory import build_step_parts, init_optimizer_state
+    from .memory_step import build_step_parts, init_optimizer_state
 
     torch.manual_seed(0)
     recipe = Recipe.model_validate(job["recipe"])
@@ -285,7 +285,7 @@ def _measure_step_memory(job: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]
     """
     import torch
 
-    from .memory import training_step
+    from .memory_step import training_step
 
     if job["device"] == "cuda":
         parts, scaler, ema = _step_state(job)
@@ -314,7 +314,7 @@ def _measure_steps(job: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of one full training step, then the median time of ``steps`` more (and their RSS growth)."""
     import torch
 
-    from .memory import training_step
+    from .memory_step import training_step
 
     rss_base = _proc_status_mib("VmRSS") or _ru_maxrss_mib()  # before anything of the model exists
     parts, (scaler, _ema), memory = _measure_step_memory(job)

@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner, Result
 
-from nvae_search import memory, memory_tracking
+from nvae_search import memory, memory_step, memory_tracking
 from nvae_search.cli import app
 from nvae_search.profile import STEP_MEMORY, _measure_steps
 from nvae_search.schema import load_recipe
@@ -44,8 +44,8 @@ def measured_peak_bytes(batch: int) -> int:
     """The same training step on real CPU tensors, its live tensor bytes counted by the same dispatch tracker."""
     recipe = load_recipe(TINY)
     torch.manual_seed(0)
-    parts = memory.build_step_parts(recipe, batch, "fp32", False, foreach=False)
-    memory.init_optimizer_state(parts)
+    parts = memory_step.build_step_parts(recipe, batch, "fp32", False, foreach=False)
+    memory_step.init_optimizer_state(parts)
     tracker = memory.StorageTracker()
     for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
         tracker.track(t)
@@ -54,7 +54,7 @@ def measured_peak_bytes(batch: int) -> int:
             tracker.track(t)
     tracker.reset_peak()
     with tracker:
-        memory.training_step(parts)
+        memory_step.training_step(parts)
     return tracker.peak
 
 
@@ -157,8 +157,8 @@ def whole_step_peak_bytes(recipe_path: Path, batch: int, precision: str, checkpo
 
     recipe = load_recipe(recipe_path)
     with FakeTensorMode(), memory.StorageTracker():
-        parts = memory.build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=True)  # type: ignore[arg-type]
-        memory.init_optimizer_state(parts)
+        parts = memory_step.build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=True)  # type: ignore[arg-type]
+        memory_step.init_optimizer_state(parts)
         tracker = memory.StorageTracker(block_bytes=512)
         for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
             tracker.track(t)
@@ -167,7 +167,7 @@ def whole_step_peak_bytes(recipe_path: Path, batch: int, precision: str, checkpo
                 tracker.track(t)
         tracker.reset_peak()
         with tracker:
-            memory.training_step(parts)
+            memory_step.training_step(parts)
     return tracker.peak
 
 

@@ -1,0 +1,144 @@
+"""One training step as the trainer takes it, on fake or real tensors alike: what the memory prediction simulates
+(:mod:`nvae_search.memory`), ``profile`` measures and ``bench gpu`` times. Split into the forward and backward
+pass and the optimizer phase, which the prediction simulates once per recipe."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .model.builder import build_model
+from .objectives import SpectralRegularizer, balanced_kl, bn_regularization, kl_balance_alpha
+from .schema import Recipe
+from .telemetry import gradient_norm
+
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepParts:
+    """What one training step touches; built on fake or real tensors alike."""
+
+    model: nn.Module
+    spectral: SpectralRegularizer
+    optimizer: torch.optim.Optimizer
+    alpha: torch.Tensor | None
+    x: torch.Tensor
+    recipe: Recipe
+    autocast_dtype: torch.dtype | None
+
+
+def build_step_parts(
+    recipe: Recipe, batch: int, precision: Precision, checkpointing: bool, foreach: bool, device: str = "cpu"
+) -> StepParts:
+    """Model, regulariser and optimizer as the trainer makes them, and one input batch of the recipe's shape."""
+    # Built under the device as default device, not moved: moving fake parameters fails (they cannot be swapped).
+    with torch.device(device) if device != "cpu" else contextlib.nullcontext():
+        return _build_step_parts(recipe, batch, precision, checkpointing, foreach, device)
+
+
+def _build_step_parts(
+    recipe: Recipe, batch: int, precision: Precision, checkpointing: bool, foreach: bool, device: str
+) -> StepParts:
+    cfg = recipe.model
+    model = build_model(cfg).train()
+    model.set_checkpointing(checkpointing)
+    spectral = SpectralRegularizer(model, cfg.loss.spectral_power_iters)
+    optimizer = torch.optim.Adamax(
+        model.parameters(),
+        lr=recipe.train.learning_rate,
+        eps=recipe.train.adamax_eps,
+        weight_decay=recipe.train.weight_decay,
+        foreach=foreach,
+    )
+    alpha = kl_balance_alpha(list(reversed(cfg.groups_per_scale())), cfg.loss.kl_balance_rule)
+    x = torch.rand(batch, cfg.input_channels, cfg.resolution, cfg.resolution, device=device)
+    return StepParts(
+        model, spectral, optimizer, alpha if cfg.loss.kl_balance else None, x, recipe, AUTOCAST_DTYPES.get(precision)
+    )
+
+
+def init_optimizer_state(parts: StepParts) -> None:
+    """Adamax allocates its state at the first step: make it exist, as in every step after the first."""
+    for p in parts.model.parameters():
+        p.grad = torch.zeros_like(p)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+
+
+def zero_adamax_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Adamax's state as its first step makes it (step count, first moment, infinity norm), without the step: the
+    predictor then measures a steady step, and saves simulating the first one (thousands of new fake ops)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_inf": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+    return optimizer
+
+
+def training_step(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> None:
+    """The trainer's step with the warm-up's extras on (KL balancing, λ-weighted spectral and BN terms).
+
+    ``scaler``: fp16's gradient scaler, as the trainer uses it (the prediction leaves it out: it scales in place).
+    """
+    held = forward_backward(parts, scaler)
+    optimizer_phase(parts, scaler)
+    del held
+
+
+def forward_backward(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> tuple[Any, ...]:
+    """Forward, loss and backward of :func:`training_step`; returns what the trainer's step still holds while the
+    optimizer runs (the model's outputs and the loss), for the caller to keep alive until then."""
+    loss_cfg = parts.recipe.model.loss
+    model = parts.model
+    parts.optimizer.zero_grad(set_to_none=True)
+    autocast = (
+        torch.autocast(parts.x.device.type, dtype=parts.autocast_dtype)
+        if parts.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        result = model(parts.x)
+        recon = model.reconstruction_loss(result.output, parts.x)
+        kl_term, kl_coeffs = balanced_kl(result.kl, 0.5, parts.alpha)
+        loss = (recon + kl_term).mean()
+        if loss_cfg.spectral_coeff > 0:
+            loss = loss + loss_cfg.spectral_coeff * parts.spectral()
+            if loss_cfg.bn_regularization:
+                loss = loss + loss_cfg.spectral_coeff * bn_regularization(model).to(loss.device)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(parts.optimizer)
+    return result, recon, kl_term, kl_coeffs, loss
+
+
+def optimizer_phase(parts: StepParts, scaler: torch.amp.GradScaler | None = None) -> None:
+    """The rest of :func:`training_step`: the gradient norm and the Adamax update."""
+    update(list(parts.model.parameters()), parts.optimizer, scaler)
+
+
+def update(
+    parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    gradient_norm([p for p in parameters if p.grad is not None])
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
