@@ -134,15 +134,16 @@ def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredict
 
 
 def test_the_shape_cache_speeds_up_without_changing_any_figure() -> None:
-    """Ops seen before are replayed from the memo, new ones run on bare meta kernels where the fake mode itself would:
-    every figure as with every op through the fake mode."""
+    """Ops seen before are replayed from the memo, new ones and views run on bare meta kernels where the fake mode
+    itself would: every figure as with every op through the fake mode."""
     predictor = memory.MemoryPredictor(load_recipe(TINY), device="cuda", replay=False)
     settings = [(8, "fp32", "off"), (8, "fp16", "cell"), (3, "fp16", "off")]
     cache = predictor.shapes
     assert cache is not None
-    hits, computed = cache.hits, cache.computed
+    hits, computed, viewed = cache.hits, cache.computed, cache.viewed
     cached = [predictor.predict(*s) for s in settings]
-    assert cache.hits > hits and cache.computed > computed  # both shortcuts used, not a memo that never answers
+    # every shortcut used (not a memo that never answers): replayed, computed on meta, views made without the mode
+    assert cache.hits > hits and cache.computed > computed and cache.viewed > viewed
     try:
         predictor.shapes = None  # every op through the fake mode
         plain = [predictor.predict(*s) for s in settings]
