@@ -236,10 +236,7 @@ class MemoryPredictor:
                 with tracker:
                     held = forward_backward(parts)
                 trace.mark("end")
-                # The optimizer phase, from its measured allocations on top of what is live when it starts.
-                if tracker.current + self.optimizer_extra_bytes > tracker.peak:
-                    tracker.peak = tracker.current + self.optimizer_extra_bytes
-                    tracker.peak_by_kind = {**tracker.by_kind, "grads": tracker.grads}
+                tracker.add_transient(self.optimizer_extra_bytes)  # the optimizer phase, measured once
                 del held
             finally:
                 self._tracker = None
@@ -299,9 +296,10 @@ def largest_batches(
         return cache[b]
 
     b1 = max(base.batch, 2)
-    per_image = max((peak(2 * b1) - peak(b1)) / b1, 1.0)
+    peak(b1), peak(2 * b1)  # two batch sizes: what the predictor fits its replays on
     if predictor.can_replay(base.precision, base.checkpointing):
         return {name: _largest_within(peak, limit, cap) for name, limit in limits.items()}
+    per_image = max((peak(2 * b1) - peak(b1)) / b1, 1.0)
     fixed = peak(b1) - per_image * b1
     guesses = {name: min(cap, max(0, int((limit - fixed) / per_image))) for name, limit in limits.items()}
     probe = next((g for g in guesses.values() if g >= 1), 0)
@@ -319,16 +317,10 @@ def _largest_within(peak: Callable[[int], float], limit: int, cap: int) -> int:
     """The largest batch in [1, cap] with ``peak(batch) <= limit`` (0 if none); the peak grows with the batch."""
     if peak(2) > limit:
         return 1 if peak(1) <= limit else 0
-    fits_, over = 2, cap + 1
-    while fits_ * 2 <= cap:
-        if peak(fits_ * 2) > limit:
-            over = fits_ * 2
-            break
+    fits_ = 2
+    while fits_ * 2 <= cap and peak(fits_ * 2) <= limit:
         fits_ *= 2
-    else:
-        if peak(cap) <= limit:
-            return cap
-        over = cap
+    over = min(fits_ * 2, cap + 1)  # does not fit, or is past the cap; never evaluated
     while over - fits_ > 1:
         middle = (fits_ + over) // 2
         fits_, over = (middle, over) if peak(middle) <= limit else (fits_, middle)

@@ -131,6 +131,7 @@ def optimizer_phase(parts: StepParts, scaler: torch.amp.GradScaler | None = None
 def update(
     parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
 ) -> None:
+    """The optimizer phase on any parameters (the predictor's meta copies too): gradient norm, then the step."""
     gradient_norm([p for p in parameters if p.grad is not None])
     if scaler is None:
         optimizer.step()

@@ -4,7 +4,6 @@ memo of output shapes that skips the fake mode's dispatch for ops seen before (:
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +42,7 @@ class StorageTracker(TorchDispatchMode):
         self.grads = 0  # gradient bytes currently held in .grad (kept by hooks, see track_gradients)
 
     def _size(self, storage: torch.UntypedStorage) -> int:
-        return math.ceil(storage.nbytes() / self.block_bytes) * self.block_bytes
+        return int(_rounded(storage.nbytes(), self.block_bytes))
 
     def track(self, tensor: torch.Tensor, kind: str | None = None) -> None:
         storage = tensor.untyped_storage()
@@ -78,6 +77,12 @@ class StorageTracker(TorchDispatchMode):
         self.grads += self._size(storage)
         if self.trace is not None:
             self.trace.grad(storage.nbytes())
+
+    def add_transient(self, nbytes: int) -> None:
+        """A peak candidate: ``nbytes`` allocated on top of what is live now, then freed (a phase simulated apart)."""
+        if self.current + nbytes > self.peak:
+            self.peak = self.current + nbytes
+            self.peak_by_kind = {**self.by_kind, "grads": self.grads}
 
     def reset_peak(self) -> None:
         if self.trace is not None:
@@ -151,9 +156,13 @@ class ShapeCache:
         self._kinds[func] = kind
         return kind
 
+    def _plain_fake(self, t: Any) -> bool:
+        """A fake tensor of this mode, not a constant: its metadata is all an op's output depends on."""
+        return type(t) is self._fake_type and t.constant is None and t.fake_mode is self.fake_mode
+
     def _arg(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
-            if type(a) is not self._fake_type or a.constant is not None or a.fake_mode is not self.fake_mode:
+            if not self._plain_fake(a):
                 raise _Uncacheable
             return (a.shape, a.stride(), a.dtype, a.device, a.storage_offset(), a.is_sparse)
         if isinstance(a, (list, tuple)):
@@ -222,12 +231,7 @@ class ShapeCache:
         if not self._is_view(func) or not self._meta_stands_in(func):
             return None
         first = args[0] if args else None
-        if (
-            type(first) is not self._fake_type
-            or first.constant is not None
-            or first.fake_mode is not self.fake_mode
-            or any(isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values()))
-        ):
+        if not self._plain_fake(first) or any(isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values())):
             return None
         from torch._subclasses.fake_tensor import in_kernel_invocation_manager
 

@@ -40,22 +40,25 @@ def tiny_predictor() -> memory.MemoryPredictor:
     return memory.MemoryPredictor(load_recipe(TINY), device="cuda")
 
 
-def measured_peak_bytes(batch: int) -> int:
-    """The same training step on real CPU tensors, its live tensor bytes counted by the same dispatch tracker."""
-    recipe = load_recipe(TINY)
-    torch.manual_seed(0)
-    parts = memory_step.build_step_parts(recipe, batch, "fp32", False, foreach=False)
+def step_peak_bytes(parts: memory_step.StepParts, block_bytes: int = 1) -> int:
+    """Peak live tensor bytes of one whole training step (optimizer included), counted by the dispatch tracker from
+    a start where parameters, buffers, Adamax state and the batch are live."""
     memory_step.init_optimizer_state(parts)
-    tracker = memory.StorageTracker()
+    tracker = memory.StorageTracker(block_bytes=block_bytes)
     for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
         tracker.track(t)
-    for state in parts.optimizer.state.values():
-        for t in state.values():
-            tracker.track(t)
+    for t in memory_step.state_tensors(parts.optimizer):
+        tracker.track(t)
     tracker.reset_peak()
     with tracker:
         memory_step.training_step(parts)
     return tracker.peak
+
+
+def measured_peak_bytes(batch: int) -> int:
+    """The same training step on real CPU tensors, its live tensor bytes counted by the same dispatch tracker."""
+    torch.manual_seed(0)
+    return step_peak_bytes(memory_step.build_step_parts(load_recipe(TINY), batch, "fp32", False, foreach=False))
 
 
 def test_tracker_counts_live_storages_once_and_keeps_the_peak() -> None:
@@ -157,19 +160,10 @@ def whole_step_peak_bytes(recipe_path: Path, batch: int, precision: str, checkpo
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     recipe = load_recipe(recipe_path)
+    # The outer tracker answers the fake tensors' data-dependent reads, as in the predictor.
     with FakeTensorMode(), memory.StorageTracker():
         parts = memory_step.build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=True)  # type: ignore[arg-type]
-        memory_step.init_optimizer_state(parts)
-        tracker = memory.StorageTracker(block_bytes=512)
-        for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
-            tracker.track(t)
-        for state in parts.optimizer.state.values():
-            for t in state.values():
-                tracker.track(t)
-        tracker.reset_peak()
-        with tracker:
-            memory_step.training_step(parts)
-    return tracker.peak
+        return step_peak_bytes(parts, block_bytes=512)
 
 
 @pytest.mark.parametrize(
