@@ -32,7 +32,8 @@ from .memory_step import (
     update,
     zero_adamax_state,
 )
-from .memory_tracking import AffineTrace, ShapeCache, StepTrace, StorageTracker
+from .memory_trace import AffineTrace, StepTrace
+from .memory_tracking import ShapeCache, StorageTracker
 from .schema import Recipe
 
 GIB = 1024**3
@@ -140,16 +141,22 @@ class MemoryPredictor:
                     for p in parts.model.parameters()
                 ],
                 lambda params: zero_adamax_state(torch.optim.Adamax(params, **parts.optimizer.defaults)),
+                ShapeCache(None),
             )
         except Exception:
             with self.fake_mode:
-                return self._optimizer_extra_bytes(list(parts.model.parameters()), lambda _: parts.optimizer)
+                return self._optimizer_extra_bytes(
+                    list(parts.model.parameters()), lambda _: parts.optimizer, self.shapes
+                )
 
     def _optimizer_extra_bytes(
-        self, params: list[torch.Tensor], make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+        self,
+        params: list[torch.Tensor],
+        make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+        shapes: ShapeCache | None,
     ) -> int:
         optimizer = make_optimizer(params)
-        tracker = StorageTracker(self.block_bytes, self.shapes)
+        tracker = StorageTracker(self.block_bytes, shapes)
         for p in params:
             p.grad = torch.zeros_like(p)
             tracker.track(p.grad, "grads")

@@ -78,7 +78,7 @@ def zero_adamax_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     for group in optimizer.param_groups:
         for p in group["params"]:
             optimizer.state[p] = {
-                "step": torch.tensor(0.0),
+                "step": torch.zeros(()),  # as torch.tensor(0.0), without a real tensor made fake
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_inf": torch.zeros_like(p, memory_format=torch.preserve_format),
             }

@@ -1,6 +1,6 @@
 """Counting the bytes of a fake-tensor training step: live storages and their peak (:class:`StorageTracker`), and a
 memo of output shapes that skips the fake mode's dispatch for ops seen before (:class:`ShapeCache`). Used by
-:mod:`nvae_search.memory`."""
+:mod:`nvae_search.memory`; the step's storage events go to a :class:`~nvae_search.memory_trace.StepTrace`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["AffineTrace", "ShapeCache", "StepTrace", "StorageTracker"]
+from .memory_trace import StepTrace, rounded
+
+__all__ = ["ShapeCache", "StorageTracker"]
 
 _DEVICE = torch.ops.prim.device.default
 
@@ -42,7 +43,7 @@ class StorageTracker(TorchDispatchMode):
         self.grads = 0  # gradient bytes currently held in .grad (kept by hooks, see track_gradients)
 
     def _size(self, storage: torch.UntypedStorage) -> int:
-        return int(_rounded(storage.nbytes(), self.block_bytes))
+        return int(rounded(storage.nbytes(), self.block_bytes))
 
     def track(self, tensor: torch.Tensor, kind: str | None = None) -> None:
         storage = tensor.untyped_storage()
@@ -96,15 +97,17 @@ class StorageTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is _DEVICE and type(args[0]) is self._fake_type:
             return args[0].fake_device  # asked by every `.device` (12,000 times a step of a small recipe)
-        key = self.shapes.key(func, args, kwargs) if self.shapes is not None else None
-        out = None
-        if key is not None:
+        handled, out = self.shapes.foreach(func, args, kwargs) if self.shapes is not None else (False, None)
+        key = self.shapes.key(func, args, kwargs) if self.shapes is not None and not handled else None
+        if handled:
+            pass
+        elif key is not None:
             out = self.shapes.replay(key, args)
             if out is None:
                 out = self.shapes.compute(key, func, args, kwargs)
         elif self.shapes is not None:
             out = self.shapes.view(func, args, kwargs)
-        if out is None:
+        if out is None and not handled:
             out = func(*args, **kwargs)
             if key is not None:
                 self.shapes.record(key, args, out)
@@ -121,9 +124,11 @@ class ShapeCache:
     inputs; answering from here skips the fake mode's general dispatch (its cache key alone costs more than the
     rest). Only ops whose outputs are new tensors are memoised (no views, no in-place or ``out=`` ops) and only on
     plain fake inputs: their outputs' metadata depend on nothing but the inputs' metadata and the arguments.
+    ``fake_mode=None``: the same memo for plain meta tensors (the optimizer phase, where torch's meta kernels for
+    elementwise ops are Python references that cost more than the memo).
     """
 
-    def __init__(self, fake_mode: Any) -> None:
+    def __init__(self, fake_mode: Any | None) -> None:
         from torch._subclasses.fake_tensor import FakeTensor
 
         self.fake_mode, self._fake_type = fake_mode, FakeTensor
@@ -156,13 +161,16 @@ class ShapeCache:
         self._kinds[func] = kind
         return kind
 
-    def _plain_fake(self, t: Any) -> bool:
-        """A fake tensor of this mode, not a constant: its metadata is all an op's output depends on."""
+    def _plain(self, t: Any) -> bool:
+        """A fake tensor of this mode, not a constant (or, without a fake mode, a plain meta tensor): its metadata is
+        all an op's output depends on."""
+        if self.fake_mode is None:
+            return type(t) is torch.Tensor and t.is_meta
         return type(t) is self._fake_type and t.constant is None and t.fake_mode is self.fake_mode
 
     def _arg(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
-            if not self._plain_fake(a):
+            if not self._plain(a):
                 raise _Uncacheable
             return (a.shape, a.stride(), a.dtype, a.device, a.storage_offset(), a.is_sparse)
         if isinstance(a, (list, tuple)):
@@ -199,7 +207,9 @@ class ShapeCache:
         fake mode's general dispatch, its outputs made fake on the inputs' device and memoised; None where that
         cannot stand in for the fake mode: the op is not fresh, its tensors lie on several devices, it names a
         device, or it has no meta kernel (the fake mode then runs it, with its own fallbacks)."""
-        if self._kind(func) != "fresh" or "device" in kwargs or not self._meta_stands_in(func):
+        if self.fake_mode is None or self._kind(func) != "fresh" or "device" in kwargs:
+            return None
+        if not self._meta_stands_in(func):
             return None
         devices: set[Any] = set()
         try:
@@ -228,10 +238,10 @@ class ShapeCache:
         """A view op (``view``, ``detach``, ``t``, ...) on one plain fake tensor, run by its meta kernel as the fake
         mode runs it (its tensors read as meta), without the fake mode's general dispatch; None for anything else.
         The output aliases the input's storage, as through the fake mode (a third of a step's dispatch time)."""
-        if not self._is_view(func) or not self._meta_stands_in(func):
+        if self.fake_mode is None or not self._is_view(func) or not self._meta_stands_in(func):
             return None
         first = args[0] if args else None
-        if not self._plain_fake(first) or any(isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values())):
+        if not self._plain(first) or any(isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values())):
             return None
         from torch._subclasses.fake_tensor import in_kernel_invocation_manager
 
@@ -239,6 +249,46 @@ class ShapeCache:
             out = func(*args, **kwargs)
         self.viewed += 1
         return self._fake_type(self.fake_mode, out, first.fake_device)
+
+    def foreach(self, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        """A multi-tensor op (``_foreach_*``) on lists of plain meta tensors, run on one element per distinct
+        (metadata, scalar) combination and its outputs copied to the rest: (True, its result), or (False, None) where
+        it does not apply (with a fake mode, or other arguments). An element's output depends on nothing but its own
+        inputs, and torch's meta kernels for these ops loop over every element in Python (the optimizer's update)."""
+        if self.fake_mode is not None or kwargs or not func._schema.name.startswith("aten::_foreach_"):
+            return False, None
+        lists = [a for a in args if isinstance(a, (list, tuple))]
+        try:
+            per_list = [self._arg(a)[1:] for a in lists]
+            for a in args:
+                if not isinstance(a, (list, tuple)):
+                    self._arg(a)
+        except _Uncacheable:
+            return False, None
+        if not lists or any(len(a) != len(lists[0]) for a in lists):
+            return False, None
+        signatures = list(zip(*per_list, strict=True))
+        first_of: dict[Any, int] = {}
+        for i, signature in enumerate(signatures):
+            first_of.setdefault(signature, i)
+        rows = sorted(first_of.values())
+        out = func(*(type(a)(a[i] for i in rows) if isinstance(a, (list, tuple)) else a for a in args))
+        if out is None:
+            return True, None  # in place: meta tensors hold no data
+        if not isinstance(out, list) or len(out) != len(rows) or not all(self._replayable(t) for t in out):
+            return False, None
+        position = {row: k for k, row in enumerate(rows)}
+        with torch._C._DisableTorchDispatch():
+            full = [
+                out[position[i]] if i in position else self._make(*self._meta_of(out[position[first_of[sig]]]))
+                for i, sig in enumerate(signatures)
+            ]
+        self.hits += len(full) - len(rows)
+        return True, full
+
+    @staticmethod
+    def _meta_of(t: torch.Tensor) -> tuple[Any, ...]:
+        return t.shape, t.stride(), t.dtype, t.device
 
     def _is_view(self, func: Any) -> bool:
         if func not in self._views:
@@ -267,16 +317,11 @@ class ShapeCache:
 
     def _make(self, shape: Any, stride: Any, dtype: Any, device: Any) -> torch.Tensor:
         meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-        return self._fake_type(self.fake_mode, meta, device)
+        return meta if self.fake_mode is None else self._fake_type(self.fake_mode, meta, device)
 
     def _replayable(self, t: Any) -> bool:
         # A replayed output gets a storage of exactly the span of its strides: true only of one that owns all of it.
-        return (
-            type(t) is self._fake_type
-            and t.constant is None
-            and t.storage_offset() == 0
-            and t.untyped_storage().nbytes() == _span(t)
-        )
+        return self._plain(t) and t.storage_offset() == 0 and t.untyped_storage().nbytes() == _span(t)
 
     def record(self, key: Any, args: Any, out: Any) -> None:
         if self._kind(key[0]) == "self":
@@ -325,119 +370,6 @@ def _to_meta(a: Any, devices: set[Any]) -> Any:
     if isinstance(a, (list, tuple)):
         return type(a)(_to_meta(b, devices) for b in a)
     return a
-
-
-class StepTrace:
-    """The storage events of one simulated step in order: allocations (bytes before rounding, kind), releases (of
-    which allocation), gradients, and marks (``reset``: where the peak starts to count; ``end``: where the
-    optimizer phase starts). The same step at another batch makes the same events with other sizes."""
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-        self.types: list[int] = []  # 0 allocation, 1 release, 2 gradient, 3 reset, 4 end
-        self.values: list[int] = []  # allocation / gradient: bytes; release: the allocation's index
-        self.kinds: list[str] = []  # per allocation
-        self.sizes: list[int] = []  # per allocation
-
-    def alloc(self, nbytes: int, kind: str) -> int:
-        self.types.append(0)
-        self.values.append(len(self.sizes))
-        self.sizes.append(nbytes)
-        self.kinds.append(kind)
-        return len(self.sizes) - 1
-
-    def free(self, index: int) -> None:
-        self.types.append(1)
-        self.values.append(index)
-
-    def grad(self, nbytes: int) -> None:
-        self.types.append(2)
-        self.values.append(nbytes)
-
-    def mark(self, what: str) -> None:
-        self.types.append({"reset": 3, "end": 4}[what])
-        self.values.append(0)
-
-
-class AffineTrace:
-    """Two traces of one step at two batch sizes, each event's bytes an affine function of the batch: the step's
-    peak at any other batch, by replaying the events (no tensors, no dispatch: a millisecond instead of a simulated
-    step). :meth:`fit` returns None where the traces do not line up event for event or a size is not affine with
-    whole bytes per image; the caller then simulates."""
-
-    def __init__(self, types: Any, refs: Any, kinds: list[str], alloc_a: Any, alloc_b: Any, grad_a: Any, grad_b: Any):
-        self.types, self.refs, self.kind_names = types, refs, sorted(set(kinds))
-        self.kind_codes = np.array([self.kind_names.index(k) for k in kinds], dtype=np.int64)
-        self.alloc_a, self.alloc_b, self.grad_a, self.grad_b = alloc_a, alloc_b, grad_a, grad_b
-
-    @classmethod
-    def fit(cls, one: StepTrace, two: StepTrace) -> AffineTrace | None:
-        if one.batch == two.batch or one.types != two.types or one.kinds != two.kinds:
-            return None
-        types = np.array(one.types, dtype=np.int8)
-        v1, v2 = (_sorted_release_runs(types, np.array(t.values, dtype=np.int64)) for t in (one, two))
-        if not np.array_equal(v1[types == 1], v2[types == 1]) or (types == 3).sum() != 1 or (types == 4).sum() != 1:
-            return None
-        lines = [
-            _affine(np.array(a, dtype=np.int64), np.array(b, dtype=np.int64), one.batch, two.batch)
-            for a, b in ((one.sizes, two.sizes), (v1[types == 2], v2[types == 2]))
-        ]
-        if any(line is None for line in lines):
-            return None
-        (alloc_a, alloc_b), (grad_a, grad_b) = lines  # type: ignore[misc]
-        return cls(types, np.where(types == 1, v1, 0), one.kinds, alloc_a, alloc_b, grad_a, grad_b)
-
-    def replay(self, batch: int, block_bytes: int, after_end: int = 0) -> tuple[int, dict[str, int]]:
-        """Peak live bytes and their kinds (``grads`` apart), as :class:`StorageTracker` keeps them, at ``batch``;
-        ``after_end``: bytes the optimizer phase adds on top of what is live at the ``end`` mark."""
-        sizes = _rounded(self.alloc_a + self.alloc_b * batch, block_bytes)
-        grads = _rounded(self.grad_a + self.grad_b * batch, block_bytes)
-        types = self.types
-        alloc_at = np.flatnonzero(types == 0)
-        free_at = np.flatnonzero(types == 1)
-        delta = np.zeros(len(types), dtype=np.int64)
-        delta[alloc_at] = sizes
-        delta[free_at] = -sizes[self.refs[free_at]]
-        current = np.cumsum(delta)
-        grad_delta = np.zeros(len(types), dtype=np.int64)
-        grad_delta[types == 2] = grads
-        grads_live = np.cumsum(grad_delta)
-        reset, end = int(np.flatnonzero(types == 3)[0]), int(np.flatnonzero(types == 4)[0])
-        at = reset + int(np.argmax(current[reset : end + 1]))
-        peak = int(current[at])
-        if int(current[end]) + after_end > peak:
-            at, peak = end, int(current[end]) + after_end
-        event_kind = np.full(len(types), -1, dtype=np.int64)
-        event_kind[alloc_at] = self.kind_codes
-        event_kind[free_at] = self.kind_codes[self.refs[free_at]]
-        kinds = {
-            name: int(delta[: at + 1][event_kind[: at + 1] == code].sum()) for code, name in enumerate(self.kind_names)
-        }
-        return peak, {**kinds, "grads": int(grads_live[at])}
-
-
-def _sorted_release_runs(types: Any, values: Any) -> Any:
-    """Releases in a row (a container of tensors freed at once) come in no fixed order; none of them can be a peak,
-    so each run is put in index order before two traces are compared."""
-    values = values.copy()
-    released = types == 1
-    run = np.cumsum(released & np.r_[True, ~released[:-1]])
-    at = np.flatnonzero(released)
-    values[at] = values[at][np.lexsort((values[at], run[at]))]
-    return values
-
-
-def _affine(one: Any, two: Any, b1: int, b2: int) -> tuple[Any, Any] | None:
-    """Per-event bytes at batch 0 and per image through two batch sizes, or None unless both are whole and >= 0."""
-    per_image, remainder = np.divmod(two - one, b2 - b1)
-    intercept = one - per_image * b1
-    if remainder.any() or (per_image < 0).any() or (intercept < 0).any():
-        return None
-    return intercept, per_image
-
-
-def _rounded(nbytes: Any, block_bytes: int) -> Any:
-    return (nbytes + block_bytes - 1) // block_bytes * block_bytes
 
 
 def _span(t: torch.Tensor) -> int:

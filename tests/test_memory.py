@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner, Result
 
-from nvae_search import memory, memory_step, memory_tracking
+from nvae_search import memory, memory_step, memory_trace
 from nvae_search.cli import app
 from nvae_search.profile import STEP_MEMORY, _measure_steps
 from nvae_search.schema import load_recipe
@@ -155,6 +155,24 @@ def test_the_shape_cache_speeds_up_without_changing_any_figure() -> None:
     assert cached == plain
 
 
+def test_the_optimizer_phase_on_meta_tensors_is_memoised_without_changing_its_bytes() -> None:
+    """The optimizer phase runs on plain meta tensors: element ops are replayed from the memo and each multi-tensor
+    op runs once per distinct parameter shape, with the same bytes as every op run by its meta kernel."""
+    predictor = memory.MemoryPredictor(load_recipe(TINY), device="cuda")
+    parts = predictor.parts
+    shapes = [p.shape for p in parts.model.parameters()]
+    assert len(set(shapes)) < len(shapes)  # repeated shapes, or the test proves nothing
+
+    def extra_bytes(cache: memory.ShapeCache | None) -> int:
+        params = [torch.empty(s, device="meta") for s in shapes]
+        optimizer = memory_step.zero_adamax_state(torch.optim.Adamax(params, **parts.optimizer.defaults))
+        return predictor._optimizer_extra_bytes(params, lambda _: optimizer, cache)
+
+    cache = memory.ShapeCache(None)
+    assert extra_bytes(cache) == extra_bytes(None) == predictor.optimizer_extra_bytes > 0
+    assert cache.hits >= len(shapes) - len(set(shapes))
+
+
 def whole_step_peak_bytes(recipe_path: Path, batch: int, precision: str, checkpointing: str) -> int:
     """Peak of the whole training step simulated op by op on fake tensors, optimizer included, with CUDA's blocks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -198,8 +216,8 @@ def test_replayed_steps_equal_simulated_ones(recipe: str) -> None:
     assert not slow.can_replay("fp32", "off")
 
 
-def _trace(batch: int, events: list[tuple[str, int]]) -> memory_tracking.StepTrace:
-    trace = memory_tracking.StepTrace(batch)
+def _trace(batch: int, events: list[tuple[str, int]]) -> memory_trace.StepTrace:
+    trace = memory_trace.StepTrace(batch)
     allocs: list[int] = []
     for what, value in events:
         if what == "alloc":
@@ -212,7 +230,7 @@ def _trace(batch: int, events: list[tuple[str, int]]) -> memory_tracking.StepTra
 
 
 def test_a_trace_replays_exactly_and_refuses_what_it_cannot_replay() -> None:
-    def step(batch: int, release_order: tuple[int, int] = (1, 2), params: int = 1000) -> memory_tracking.StepTrace:
+    def step(batch: int, release_order: tuple[int, int] = (1, 2), params: int = 1000) -> memory_trace.StepTrace:
         return _trace(
             batch,
             [
@@ -221,22 +239,22 @@ def test_a_trace_replays_exactly_and_refuses_what_it_cannot_replay() -> None:
             ],
         )
 
-    fit = memory_tracking.AffineTrace.fit(step(2), step(4, release_order=(2, 1)))  # frees in a row: any order
+    fit = memory_trace.AffineTrace.fit(step(2), step(4, release_order=(2, 1)))  # frees in a row: any order
     assert fit is not None
     peak, kinds = fit.replay(9, block_bytes=1)
     assert peak == 1000 + 90 + 904 + 7 and kinds == {"activations": peak, "grads": 0}
     assert fit.replay(9, block_bytes=512)[0] == 512 * (2 + 1 + 2 + 1)  # each storage in whole CUDA blocks
     assert fit.replay(9, block_bytes=1, after_end=2000)[0] == 1000 + 7 + 270 + 2000  # the optimizer phase's peak
-    assert memory_tracking.AffineTrace.fit(step(2), step(2)) is None  # one batch size gives no line
-    assert memory_tracking.AffineTrace.fit(step(2), step(5)) is not None
+    assert memory_trace.AffineTrace.fit(step(2), step(2)) is None  # one batch size gives no line
+    assert memory_trace.AffineTrace.fit(step(2), step(5)) is not None
 
-    def one_alloc(batch: int, nbytes: int) -> memory_tracking.StepTrace:
+    def one_alloc(batch: int, nbytes: int) -> memory_trace.StepTrace:
         return _trace(batch, [("alloc", 1000), ("reset", 0), ("alloc", nbytes), ("end", 0)])
 
-    assert memory_tracking.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 41)) is None  # 10.5 bytes per image
-    assert memory_tracking.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 60)) is None  # -20 bytes at batch 0
-    assert memory_tracking.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 40)) is not None
-    assert memory_tracking.AffineTrace.fit(step(2), one_alloc(4, 40)) is None  # other events: another step
+    assert memory_trace.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 41)) is None  # 10.5 bytes per image
+    assert memory_trace.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 60)) is None  # -20 bytes at batch 0
+    assert memory_trace.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 40)) is not None
+    assert memory_trace.AffineTrace.fit(step(2), one_alloc(4, 40)) is None  # other events: another step
 
 
 @pytest.mark.parametrize("replay", [True, False])
