@@ -84,10 +84,19 @@ def resolve_precision(precision: str, device: str) -> Precision:
 class MemoryPredictor:
     """Builds a recipe's model once on fake tensors and predicts one training step at any batch and setting."""
 
-    def __init__(self, recipe: Recipe, device: Device = "cuda", *, replay: bool = True) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        device: Device = "cuda",
+        *,
+        replay: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         """``replay``: after two simulated batch sizes of a setting, replay its step at other batch sizes (exact,
-        see :class:`AffineTrace`); False simulates every prediction."""
+        see :class:`AffineTrace`); False simulates every prediction. ``progress`` is told what is being done (each
+        part takes seconds for a large recipe)."""
         self.recipe, self.device, self.replay = recipe, device, replay
+        self.progress = progress or (lambda _: None)
         self.simulated_on = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
         self.block_bytes = CUDA_BLOCK_BYTES if device == "cuda" else 1
         self._tracker: StorageTracker | None = None
@@ -107,6 +116,7 @@ class MemoryPredictor:
     def _build(self) -> StepParts:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
+        self.progress("building the network on fake tensors")
         self.fake_mode = FakeTensorMode()
         self.shapes: ShapeCache | None = ShapeCache(self.fake_mode)
         # Built under a tracker only for its shape cache (and its answers to data-dependent reads); its counts are
@@ -225,6 +235,7 @@ class MemoryPredictor:
     def _simulate(self, batch: int, prec: Precision, ckpt: str) -> tuple[int, dict[str, int]]:
         """One training step on fake tensors; its storage events are kept for replays at other batch sizes."""
         self.simulations += 1
+        self.progress(f"simulating a training step at batch {batch} ({prec}, checkpointing {ckpt})")
         parts, cfg = self.parts, self.recipe.model
         trace = StepTrace(batch)
         tracker = StorageTracker(self.block_bytes, self.shapes, trace)
@@ -342,10 +353,12 @@ def memory_report(
     precision: str | None = None,
     checkpointing: str | None = None,
     largest: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The ``memory`` entry of ``validate --json``: the prediction, which GPU sizes fit, the largest batch each.
-    The batch defaults to one process's among ``workers`` (``train.global_batch_size`` / workers when set)."""
-    predictor = MemoryPredictor(recipe)
+    The batch defaults to one process's among ``workers`` (``train.global_batch_size`` / workers when set);
+    ``progress`` is told each part of the work (see :class:`MemoryPredictor`)."""
+    predictor = MemoryPredictor(recipe, progress=progress)
     prediction = predictor.predict(batch or recipe.train.per_process_batch(workers), precision, checkpointing)
     report = prediction.to_dict()
     report["fits_gb"] = {str(size): fits(prediction, size) for size in GPU_SIZES_GB}

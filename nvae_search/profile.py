@@ -12,7 +12,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -110,11 +110,17 @@ def summarize_config(ref: Path, overrides: dict[str, Any], workers: int = 1) -> 
     return {"file": str(path), "space": space.study.name, **space_size(space), "base_recipe": base}
 
 
-def predict_memory(path: Path, overrides: dict[str, Any], options: dict[str, Any], workers: int) -> dict[str, Any]:
+def predict_memory(
+    path: Path,
+    overrides: dict[str, Any],
+    options: dict[str, Any],
+    workers: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     from .memory import memory_report
 
     recipe = load_recipe(resolve_config(path, "recipes"), overrides=overrides)
-    return memory_report(recipe, workers=workers, **options)
+    return memory_report(recipe, workers=workers, progress=progress, **options)
 
 
 def random_input(cfg: ModelConfig, batch: int, device: torch.device) -> torch.Tensor:

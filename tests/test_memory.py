@@ -290,6 +290,18 @@ def test_validate_json_adds_memory_and_text_says_what_fits(tiny_predictor: memor
     assert f"80 GB: {report['largest_batch']['80']}" in text
 
 
+def test_the_memory_report_says_which_part_it_is_running() -> None:
+    """``validate --memory`` takes tens of seconds on the largest recipes: its spinner is told each part."""
+    said: list[str] = []
+    report = memory.memory_report(load_recipe(TINY), batch=4, progress=said.append)
+    assert said[0] == "building the network on fake tensors"
+    simulated = [s for s in said[1:] if s.startswith("simulating a training step at batch ")]
+    assert simulated == said[1:] and len(simulated) >= 2  # the batch, twice the batch (replays say nothing)
+    assert simulated[0].startswith("simulating a training step at batch 4 (")
+    assert simulated[1].startswith("simulating a training step at batch 8 (")
+    assert report["batch"] == 4 and "largest_batch" in report
+
+
 def test_validate_without_memory_options_predicts_nothing() -> None:
     result = invoke(["validate", str(TINY), "--json"])
     assert result.exit_code == 0 and "memory" not in json.loads(result.output)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,6 +25,9 @@ from .common import (
     print_config_error,
 )
 from .tables import profile_table, space_summary_table, summary_table
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 
 def validate(
@@ -59,13 +63,21 @@ def validate(
         try:
             summaries.append(summarize_config(path, overrides, workers))
             if memory_options is not None and "space" not in summaries[-1]:
-                summaries[-1]["memory"] = predict_memory(path, overrides, memory_options, workers)
+                # Tens of seconds for the largest recipes: a spinner on stderr says which part is running.
+                with _console(stderr=True).status(f"{path}: predicting memory") as status:
+                    summaries[-1]["memory"] = predict_memory(
+                        path, overrides, memory_options, workers, functools.partial(_say, status, path)
+                    )
         except ConfigError as err:
             print_config_error(err)
             failed = True
     _print_summaries(summaries, json_output, several=len(recipes) > 1)
     if failed:
         raise typer.Exit(CONFIG_EXIT_CODE)
+
+
+def _say(status: Status, path: Path, what: str) -> None:
+    status.update(f"{path}: {what}")
 
 
 def _print_summaries(summaries: list[dict[str, Any]], json_output: bool, several: bool) -> None:
