@@ -23,6 +23,7 @@ from nvae_search.train import LRSchedule, RunDirError, TrainingDiverged, train
 
 # The module, not the ``train`` function that the package re-exports under the same name.
 TRAINER_MODULE = importlib.import_module("nvae_search.train")
+STEP_MODULE = importlib.import_module("nvae_search.training.step")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
 QUIET = {"train.progress": False}
@@ -307,6 +308,61 @@ def test_fp16_on_cpu_is_refused_clearly(tmp_path: Path) -> None:
         pytest.skip("fp16 is valid on CUDA")
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):
         train(tiny(**{"model.numerics.precision": "fp16"}), tmp_path)
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA recipes' fp16 autocast and gradient scaler, run on the CPU (torch has both there, slowly; users are
+    sent to bf16 on a CPU, the tests are not)."""
+    monkeypatch.setattr(STEP_MODULE, "FP16_DEVICES", ("cuda", "cpu"))
+
+
+FP16 = {
+    "model.numerics.precision": "fp16",
+    "train.steps": 8,
+    "train.log_every": 1,
+    "train.eval_at_end": False,
+    "train.image_every_steps": 1000,
+    "train.checkpoint_every_steps": 1000,
+}
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fp16_overflows_lower_the_scale_and_a_stopped_run_resumes_exactly(tmp_path: Path, fp16_on_cpu: None) -> None:
+    """With the official scaler (2^10) the tiny recipe's first steps overflow in fp16: the scaler skips each and
+    halves its scale, which is neither a divergence nor a skipped step. The scale is in the checkpoint: a run stopped
+    after step 3 (scale 2^7) and resumed repeats the uninterrupted run's losses (from 2^10 it would overflow again)."""
+    recipe = tiny(**FP16)
+    straight = train(recipe, tmp_path / "straight")
+    assert straight.status == "completed" and straight.steps == 8 and straight.skipped_steps == 0
+    norms = grad_norms(tmp_path / "straight")
+    overflows = sum(not math.isfinite(n) for n in norms)
+    assert overflows >= 3 and math.isfinite(norms[-1])
+    assert load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["scaler"]["scale"] == 2.0 ** (10 - overflows)
+    cut = tmp_path / "cut"
+    stopped = train(recipe, cut, reporter=lambda step, _metrics: step >= 3)
+    assert stopped.status == "stopped" and load_checkpoint(cut / "checkpoint.pt")["scaler"]["scale"] == 2.0**7
+    resumed = train(recipe, cut, resume=True)
+    assert resumed.status == "completed"
+    expected = read_metrics(tmp_path / "straight")
+    assert [step for step, _ in read_metrics(cut)] == [step for step, _ in expected] == list(range(1, 9))
+    for (step, loss), (_, want) in zip(read_metrics(cut), expected, strict=True):
+        assert loss == pytest.approx(want, abs=1e-4), step
+
+
+def test_fp16_with_a_skip_threshold_leaves_overflows_to_the_scaler(tmp_path: Path, fp16_on_cpu: None) -> None:
+    """An overflow's gradient norm is infinite, above any threshold: the threshold used to take the step from the
+    scaler, whose next ``unscale_`` then raised (every fp16 run with a skip threshold crashed at its first skip).
+    Now overflows go to the scaler and finite norms above the threshold are skipped."""
+    summary = train(tiny(**FP16, **{"train.skip_threshold": 100.0}), tmp_path)
+    assert summary.status == "completed" and summary.steps == 8
+    norms = grad_norms(tmp_path)  # logged steps: overflows and updates, not the skipped ones
+    assert any(not math.isfinite(n) for n in norms) and summary.skipped_steps >= 1
+    assert all(n <= 100.0 for n in norms if math.isfinite(n))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["scaler"]["scale"] < 2.0**10
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a gradient scaler needs CUDA")

@@ -4,6 +4,7 @@ provenance block of summary.json. Only rank 0 writes; the metrics are global-bat
 from __future__ import annotations
 
 import json
+import math
 import resource
 import statistics
 from datetime import datetime
@@ -92,7 +93,10 @@ class RunLogging:
         tracking.on_step(self.step, metrics)
         if self.writer is not None:
             for key in _SCALARS:
-                self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
+                # Non-finite values (an fp16 step the gradient scaler skipped) stay in metrics.jsonl only:
+                # tensorboardX prints a line for each one, through the progress bar.
+                if math.isfinite(metrics[key]):
+                    self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
             for g, value in enumerate(metrics["kl_per_group"]):
                 self.writer.add_scalar(f"kl_group/{g:02d}", value, self.step)
 

@@ -8,6 +8,7 @@ for non-finite values, the skip threshold, clipping, the fp16 gradient scaler, t
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -30,6 +31,9 @@ from .budget import Budget
 from .control import Ranks
 
 MIN_GRAD_SCALE = 2.0**-20
+FP16_INIT_SCALE = 2.0**10  # the official gradient scaler's initial scale
+# fp16 autocast and its gradient scaler run on CPUs too, slowly: users are sent to bf16 there, the tests lift this.
+FP16_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -66,10 +70,10 @@ class OptimizerStep:
         groups_dec = list(reversed(recipe.model.groups_per_scale()))
         self.alpha = kl_balance_alpha(groups_dec, loss_cfg.kl_balance_rule).to(device) if loss_cfg.kl_balance else None
         precision = self.precision = recipe.model.numerics.resolved_precision(device.type)
-        if precision == "fp16" and device.type != "cuda":
+        if precision == "fp16" and device.type not in FP16_DEVICES:
             raise ValueError("model.numerics.precision fp16 needs a CUDA device (it uses a gradient scaler); use bf16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=precision == "fp16")
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
             if cfg.ema_decay
@@ -127,6 +131,13 @@ class OptimizerStep:
             return f"non-finite {what} in {self.tracker.consecutive_skips} consecutive steps"
         return None
 
+    def _advance_schedule(self) -> None:
+        with warnings.catch_warnings():
+            # A step skipped before any update (the skip threshold, or the fp16 scaler's overflow at the first steps)
+            # makes torch warn that the schedule moved before the optimizer; it follows the step count on purpose.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+
     def train_step(self, x: torch.Tensor) -> tuple[str | None, dict[str, Any] | None]:
         """One optimizer step. Returns (divergence cause or None, info for logging or None if skipped)."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -139,12 +150,16 @@ class OptimizerStep:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = float(gradient_norm(params))
         info.update(loss=loss_value, grad_norm=norm)
-        if not math.isfinite(norm) and not self.scaler.is_enabled():
+        # With fp16, non-finite gradients are the scaler's overflow: its step skips the update and its update lowers
+        # the scale, so neither the non-finite policy nor the skip threshold may take the step from it.
+        overflow = not math.isfinite(norm)
+        if overflow and not self.scaler.is_enabled():
             return self._nonfinite("gradient"), None
         self.tracker.observe_grad_norm(norm)
-        if self.cfg.skip_threshold is not None and norm > self.cfg.skip_threshold:
+        if not overflow and self.cfg.skip_threshold is not None and norm > self.cfg.skip_threshold:
             self.tracker.skipped()
-            self.scheduler.step()
+            self.scaler.update()  # closes this step's unscale_ (the next one would raise); the scale stays
+            self._advance_schedule()
             return None, None
         if self.cfg.grad_clip is not None and math.isfinite(norm):
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
@@ -153,7 +168,7 @@ class OptimizerStep:
         if self.scaler.is_enabled() and self.scaler.get_scale() < MIN_GRAD_SCALE:
             # The scaler halves its scale at every overflow: this low, the gradients overflow at any scale.
             return "persistent fp16 gradient overflow (scale collapsed)", None
-        self.scheduler.step()
+        self._advance_schedule()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.tracker.stepped()
