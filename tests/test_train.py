@@ -353,6 +353,17 @@ def test_fp16_overflows_lower_the_scale_and_a_stopped_run_resumes_exactly(tmp_pa
         assert loss == pytest.approx(want, abs=1e-4), step
 
 
+def test_fp16_with_checkpointing_repeats_the_fp16_losses(tmp_path: Path, fp16_on_cpu: None) -> None:
+    """Checkpointed cells recompute their forward under the same autocast: step for step the same losses and
+    gradient norms (overflows included) as fp16 without checkpointing."""
+    runs = {}
+    for name, extra in (("plain", {}), ("cell", {"model.numerics.checkpointing": "cell"})):
+        assert train(tiny(**FP16, **extra), tmp_path / name).status == "completed"
+        runs[name] = read_metrics(tmp_path / name), grad_norms(tmp_path / name)
+    assert runs["cell"][0] == runs["plain"][0]
+    assert [str(n) for n in runs["cell"][1]] == [str(n) for n in runs["plain"][1]]  # inf and nan compare as text
+
+
 def test_fp16_with_a_skip_threshold_leaves_overflows_to_the_scaler(tmp_path: Path, fp16_on_cpu: None) -> None:
     """An overflow's gradient norm is infinite, above any threshold: the threshold used to take the step from the
     scaler, whose next ``unscale_`` then raised (every fp16 run with a skip threshold crashed at its first skip).
