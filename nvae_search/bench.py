@@ -105,93 +105,114 @@ def bench_eval(
 
 # ------------------------------------------------------------------------------------------- bench gpu
 GPU_BENCH_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "paper" / "cifar10.yaml"
+CPU_REHEARSAL_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "cpu" / "tiny.yaml"
 GPU_SETTINGS = [(p, c) for p in ("fp16", "bf16", "fp32") for c in ("off", "cell")]
 MIB = 1024 * 1024
 
 
-def _sync() -> None:
-    torch.cuda.synchronize()
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def _free_cuda() -> None:
+def _free(device: str) -> None:
     import gc
 
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
-def _timed(fn: Any) -> float:
+def _timed(fn: Any, device: str) -> float:
     """Seconds of one call, between device synchronisations (CUDA work is asynchronous)."""
-    _sync()
+    _sync(device)
     start = time.perf_counter()
     fn()
-    _sync()
+    _sync(device)
     return time.perf_counter() - start
 
 
-def gpu_train_setting(recipe: Recipe, batch: int, precision: str, checkpointing: str, steps: int) -> dict[str, Any]:
+def gpu_train_setting(
+    recipe: Recipe, batch: int, precision: str, checkpointing: str, steps: int, device: str = "cuda"
+) -> dict[str, Any]:
     """Step time and measured peak of the real training step in one precision/checkpointing setting.
 
     The peak is ``max_memory_allocated`` over the timed steps, reset after a warm-up step (so it is the steady
-    step, as the prediction is: parameters, Adamax state and everything the step allocates). An out-of-memory
-    error is reported in the row; everything is freed before the next setting.
+    step, as the prediction is: parameters, Adamax state and everything the step allocates); a CPU rehearsal
+    measures no peak. An out-of-memory error is reported in the row; everything is freed before the next setting.
     """
     row: dict[str, Any] = {"precision": precision, "checkpointing": checkpointing, "batch": batch}
+    if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        row["error"] = "bf16 is not supported by this GPU (before Ampere): not run"
+        return row
     try:
-        row.update(_measure_train(recipe, batch, precision, checkpointing, steps))
+        row.update(_measure_train(recipe, batch, precision, checkpointing, steps, device))
     except torch.cuda.OutOfMemoryError as err:
-        row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        row["error"] = f"out of memory: {_first_line(err)}"
+    except Exception as err:  # one failing setting must not cost the others' figures
+        row["error"] = f"{type(err).__name__}: {_first_line(err)}"
     finally:
-        _free_cuda()  # the failed setting's frames are gone by now: its tensors can be released
+        _free(device)  # the failed setting's frames are gone by now: its tensors can be released
     return row
 
 
-def _measure_train(recipe: Recipe, batch: int, precision: str, checkpointing: str, steps: int) -> dict[str, Any]:
+def _measure_train(
+    recipe: Recipe, batch: int, precision: str, checkpointing: str, steps: int, device: str
+) -> dict[str, Any]:
     from .memory_step import build_step_parts, init_optimizer_state, training_step
 
     torch.manual_seed(0)
-    parts = build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=True, device="cuda")  # type: ignore[arg-type]
+    cuda = device == "cuda"
+    parts = build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=cuda, device=device)  # type: ignore[arg-type]
     init_optimizer_state(parts)
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if precision == "fp16" else None
-    _timed(lambda: training_step(parts, scaler))  # warm-up: cuDNN autotuning, allocator growth
-    torch.cuda.reset_peak_memory_stats()
-    allocated = torch.cuda.memory_allocated()
-    times = [_timed(lambda: training_step(parts, scaler)) for _ in range(steps)]
-    return {
-        "allocated_before_bytes": allocated,
-        "measured_peak_bytes": torch.cuda.max_memory_allocated(),
-        "step_s": statistics.median(times),
-        "step_times_s": times,
-    }
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if precision == "fp16" else None
+    _timed(lambda: training_step(parts, scaler), device)  # warm-up: cuDNN autotuning, allocator growth
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    allocated = torch.cuda.memory_allocated() if cuda else None
+    times = [_timed(lambda: training_step(parts, scaler), device) for _ in range(steps)]
+    measured: dict[str, Any] = (
+        {"allocated_before_bytes": allocated, "measured_peak_bytes": torch.cuda.max_memory_allocated()} if cuda else {}
+    )
+    return {**measured, "step_s": statistics.median(times), "step_times_s": times}
 
 
-def gpu_eval_sample(recipe: Recipe, *, images: int, iw_samples: int, chunk: int, sample_n: int) -> dict[str, Any]:
+def gpu_eval_sample(
+    recipe: Recipe, *, images: int, iw_samples: int, chunk: int, sample_n: int, device: str = "cuda"
+) -> dict[str, Any]:
     """Batched IW evaluation throughput and sampling time per image of the recipe's (untrained) model, fp32."""
     out: dict[str, Any] = {"images": images, "iw_samples": iw_samples, "chunk": chunk, "sample_n": sample_n}
     try:
-        out.update(_measure_eval_sample(recipe, images, iw_samples, chunk, sample_n))
+        out.update(_measure_eval_sample(recipe, images, iw_samples, chunk, sample_n, device))
     except torch.cuda.OutOfMemoryError as err:
-        out["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        out["error"] = f"out of memory: {_first_line(err)}"
     finally:
-        _free_cuda()
+        _free(device)
     return out
 
 
-def _measure_eval_sample(recipe: Recipe, images: int, iw_samples: int, chunk: int, sample_n: int) -> dict[str, Any]:
+def _first_line(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return lines[0] if lines else repr(err)
+
+
+def _measure_eval_sample(
+    recipe: Recipe, images: int, iw_samples: int, chunk: int, sample_n: int, device: str
+) -> dict[str, Any]:
     from .evaluate import iw_bound
     from .model.builder import build_model
 
     torch.manual_seed(0)
     cfg = recipe.model
-    model = build_model(cfg).cuda().eval()
-    x = torch.rand(images, cfg.input_channels, cfg.resolution, cfg.resolution, device="cuda")
+    model = build_model(cfg).to(device).eval()
+    x = torch.rand(images, cfg.input_channels, cfg.resolution, cfg.resolution, device=device)
     if cfg.output.distribution == "bernoulli":
         x = torch.bernoulli(x)
     iw_bound(model, x[:2], 2, 2)  # warm-up
-    iw_s = _timed(lambda: iw_bound(model, x, iw_samples, chunk))
+    iw_s = _timed(lambda: iw_bound(model, x, iw_samples, chunk), device)
     with torch.no_grad():
-        model.sample(2, 1.0, torch.device("cuda"))  # warm-up
-        sample_s = _timed(lambda: model.sample(sample_n, 1.0, torch.device("cuda")))
+        model.sample(2, 1.0, torch.device(device))  # warm-up
+        sample_s = _timed(lambda: model.sample(sample_n, 1.0, torch.device(device)), device)
     return {
         "iw_s": iw_s,
         "iw_image_passes_per_s": images * iw_samples / iw_s,
@@ -217,19 +238,25 @@ def bench_gpu(
     chunk: int = 25,
     sample_n: int = 64,
     log: Any = None,
+    device: str = "cuda",
 ) -> dict[str, Any]:
     """The GPU check: training step per precision × checkpointing (time, measured vs predicted peak), batched IW
-    evaluation throughput and sampling time. Returns ``{"cuda": False, ...}`` without a CUDA device."""
-    if not torch.cuda.is_available():
+    evaluation throughput and sampling time. Returns ``{"cuda": False, ...}`` without a CUDA device.
+    ``device="cpu"``: a rehearsal that runs every part on the CPU (step times, no measured peak), so the check's
+    own code is known to work before GPU time is spent on it."""
+    if device == "cuda" and not torch.cuda.is_available():
         return {"cuda": False, "message": "no CUDA device: torch.cuda.is_available() is False; nothing was run"}
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {device!r}")
     from .memory import MemoryPredictor
 
     batch = batch or gpu_batch(recipe)
     start = time.perf_counter()
+    cuda = device == "cuda"
     report: dict[str, Any] = {
-        "cuda": True,
-        "device": torch.cuda.get_device_name(),
-        "total_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
+        "cuda": cuda,
+        "device": torch.cuda.get_device_name() if cuda else "cpu (rehearsal)",
+        "total_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
         "torch": torch.__version__,
         "recipe": recipe.name,
         "batch": batch,
@@ -237,7 +264,7 @@ def bench_gpu(
     }
     predictor = MemoryPredictor(recipe, device="cuda")
     for precision, checkpointing in GPU_SETTINGS:
-        row = gpu_train_setting(recipe, batch, precision, checkpointing, steps)
+        row = gpu_train_setting(recipe, batch, precision, checkpointing, steps, device)
         try:
             predicted = predictor.predict(batch, precision, checkpointing).peak_bytes
         except Exception as err:  # a prediction failure must not hide the measurements
@@ -250,7 +277,7 @@ def bench_gpu(
         if log:
             log(gpu_row_text(row))
     report["eval_sample"] = gpu_eval_sample(
-        recipe, images=iw_images, iw_samples=iw_samples, chunk=chunk, sample_n=sample_n
+        recipe, images=iw_images, iw_samples=iw_samples, chunk=chunk, sample_n=sample_n, device=device
     )
     report["seconds"] = time.perf_counter() - start
     return report

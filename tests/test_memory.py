@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -401,6 +403,50 @@ def test_bench_gpu_function_without_cuda_returns_without_running(monkeypatch: py
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench_gpu(load_recipe(GPU_BENCH_RECIPE))["cuda"] is False
     assert {(p, c) for p, c in GPU_SETTINGS} == {(p, c) for p in ("fp16", "bf16", "fp32") for c in ("off", "cell")}
+
+
+def test_the_gpu_checks_cpu_rehearsal_runs_every_part_of_it() -> None:
+    """The GPU check's own code (each precision and checkpointing setting, fp16 with its scaler, evaluation,
+    sampling, the JSON and the table) runs on the CPU, so no GPU time is lost to a defect in it."""
+    from rich.console import Console
+
+    from nvae_search.cli.tables import gpu_table
+
+    result = invoke(["bench", "gpu", "--cpu-rehearsal", "--steps", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["cuda"] is False and report["device"] == "cpu (rehearsal)" and report["recipe"] == "cpu-tiny"
+    settings = [(row["precision"], row["checkpointing"]) for row in report["train"]]
+    assert settings == [(p, c) for p in ("fp16", "bf16", "fp32") for c in ("off", "cell")]
+    for row in report["train"]:
+        assert "error" not in row and row["step_s"] > 0 and row["predicted_peak_bytes"] > 0, row
+    assert report["eval_sample"]["iw_image_passes_per_s"] > 0 and report["eval_sample"]["sample_s_per_image"] > 0
+    console = Console(width=150, record=True, file=io.StringIO())
+    console.print(gpu_table(report))
+    text = console.export_text()
+    assert "cpu-tiny on cpu (rehearsal)" in text and "image-passes/s" in text
+
+
+def test_a_failing_setting_of_the_gpu_check_is_reported_in_its_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One setting that raises (say bf16 on an older GPU) costs its row, not the other settings' figures."""
+    from rich.console import Console
+
+    from nvae_search import bench
+    from nvae_search.cli.tables import gpu_table
+
+    def measure(recipe: Any, batch: int, precision: str, checkpointing: str, steps: int, device: str) -> Any:
+        if precision == "bf16":
+            raise RuntimeError("Current CUDA Device does not support bfloat16")
+        return {"step_s": 0.1, "step_times_s": [0.1]}
+
+    monkeypatch.setattr(bench, "_measure_train", measure)
+    report = bench.bench_gpu(load_recipe(TINY), steps=1, iw_images=2, iw_samples=2, chunk=2, sample_n=2, device="cpu")
+    errors = {(row["precision"], row["checkpointing"]): row.get("error") for row in report["train"]}
+    assert errors[("bf16", "off")] == "RuntimeError: Current CUDA Device does not support bfloat16"
+    assert [k for k, e in errors.items() if e is None] == [(p, c) for p in ("fp16", "fp32") for c in ("off", "cell")]
+    console = Console(width=150, record=True, file=io.StringIO())
+    console.print(gpu_table(report))
+    assert console.export_text().count("failed") == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -66,11 +66,19 @@ def bench_eval_command(
 
 def bench_gpu_command(
     recipe: Annotated[
-        Path | None, typer.Option("--recipe", help="Recipe to check (default: the CIFAR-10 paper recipe).")
+        Path | None,
+        typer.Option("--recipe", help="Recipe to check (default: paper/cifar10; cpu/tiny with --cpu-rehearsal)."),
     ] = None,
     batch: Annotated[int | None, typer.Option("--batch", min=1, help="Per-GPU batch (default: the recipe's).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per setting, after one warm-up.")] = 3,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report to this file.")] = None,
+    rehearse: Annotated[
+        bool,
+        typer.Option(
+            "--cpu-rehearsal",
+            help="Run every part on the CPU instead (step times, no GPU figures): check the install before GPU time.",
+        ),
+    ] = False,
     json_output: JsonOption = False,
     sets: SetOption = None,
 ) -> None:
@@ -78,19 +86,19 @@ def bench_gpu_command(
     checkpointing (time, measured peak next to the predicted one), batched IW evaluation, sampling."""
     import torch
 
-    from ..bench import GPU_BENCH_RECIPE, bench_gpu
+    from ..bench import CPU_REHEARSAL_RECIPE, GPU_BENCH_RECIPE, bench_gpu
 
     console = _console()
-    if not torch.cuda.is_available():
+    if not rehearse and not torch.cuda.is_available():
         message = "no CUDA device (torch.cuda.is_available() is False): nothing to check here"
         if json_output:
             typer.echo(json.dumps({"cuda": False, "message": message}))
         else:
             console.print(message)
         return
-    loaded = load_or_fail(recipe or GPU_BENCH_RECIPE, sets)
+    loaded = load_or_fail(recipe or (CPU_REHEARSAL_RECIPE if rehearse else GPU_BENCH_RECIPE), sets)
     log = None if json_output else console.print
-    report = bench_gpu(loaded, batch=batch, steps=steps, log=log)
+    report = bench_gpu(loaded, batch=batch, steps=steps, log=log, device="cpu" if rehearse else "cuda")
     if out is not None:
         from ..config_io import atomic_write_text
 

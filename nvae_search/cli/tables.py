@@ -171,10 +171,18 @@ def run_summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _short_error(error: str) -> str:
+    if error.startswith("out of memory"):
+        return "OOM"
+    return "not supported" if "not supported" in error else "failed"
+
+
 def gpu_table(report: dict[str, Any]) -> Table:
+    memory = report["total_memory_bytes"]
     title = (
-        f"{report['recipe']} on {report['device']} ({report['total_memory_bytes'] / 2**30:.0f} GiB), "
-        f"batch {report['batch']}, torch {report['torch']}"
+        f"{report['recipe']} on {report['device']}"
+        + (f" ({memory / 2**30:.0f} GiB)" if memory else "")
+        + f", batch {report['batch']}, torch {report['torch']}"
     )
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("precision", "checkpointing", "step (s)", "measured peak (MiB)", "predicted (MiB)", "pred/meas"):
@@ -183,7 +191,7 @@ def gpu_table(report: dict[str, Any]) -> Table:
         table.add_row(
             row["precision"],
             row["checkpointing"],
-            _fmt(row.get("step_s"), ".3f") if "error" not in row else "OOM",
+            _fmt(row.get("step_s"), ".3f") if "error" not in row else _short_error(row["error"]),
             _fmt(row.get("measured_peak_bytes", 0) / MIB or None, ",.0f"),
             _fmt(row.get("predicted_peak_bytes", 0) / MIB or None, ",.0f"),
             _fmt(row.get("predicted_over_measured"), ".2f"),
