@@ -56,6 +56,20 @@ def test_default_rule_leaves_the_healthy_pilot_run_alone() -> None:
     assert stop_step(InstabilityRule(grad_factor=1.5, patience=1), PILOT_HEALTHY) is None  # its norms only fall
 
 
+def test_fp16_steps_the_gradient_scaler_skipped_are_not_instability() -> None:
+    """An fp16 run's first steps overflow while the scaler finds its scale (logged with an infinite gradient norm
+    and ``scaler_skipped``): passed over, they neither stop the trial nor start a streak; the same non-finite norms
+    without the flag (an fp32 run) do stop it."""
+    inf = float("inf")
+    overflowed = [(1, {"nelbo": 2055.0, "grad_norm": inf}), (2, {"nelbo": 2050.0, "grad_norm": inf})]
+    rule = InstabilityRule()
+    assert [rule.observe(s, {**m, "scaler_skipped": True}) for s, m in overflowed] == [None, None]
+    assert rule.observe(10, {"nelbo": 1181.0, "grad_norm": inf}) is None  # the first unstable report of a streak
+    assert rule.observe(20, {"nelbo": 526.0, "grad_norm": inf}) is not None
+    plain = InstabilityRule()
+    assert [plain.observe(s, m) is not None for s, m in overflowed] == [False, True]
+
+
 def test_rule_parameters() -> None:
     log = PILOT_EXPLODED["lr 0.05 no SR no res"]
     assert stop_step(InstabilityRule(patience=1), log) == 10

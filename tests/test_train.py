@@ -341,6 +341,9 @@ def test_fp16_overflows_lower_the_scale_and_a_stopped_run_resumes_exactly(tmp_pa
     norms = grad_norms(tmp_path / "straight")
     overflows = sum(not math.isfinite(n) for n in norms)
     assert overflows >= 3 and math.isfinite(norms[-1])
+    rows = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    flagged = [json.loads(row).get("scaler_skipped", False) for row in rows]
+    assert flagged == [not math.isfinite(n) for n in norms]  # what the instability pruner passes over
     assert load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["scaler"]["scale"] == 2.0 ** (10 - overflows)
     cut = tmp_path / "cut"
     stopped = train(recipe, cut, reporter=lambda step, _metrics: step >= 3)

@@ -46,7 +46,11 @@ class InstabilityRule:
     _streak: int = field(default=0, init=False)
 
     def observe(self, step: int, metrics: Mapping[str, Any]) -> str | None:
-        """Feed one report; returns why the trial should stop (once ``patience`` reports in a row are unstable)."""
+        """Feed one report; returns why the trial should stop (once ``patience`` reports in a row are unstable).
+        A report of an fp16 step the gradient scaler skipped (its gradients overflowed; the scaler lowers its scale,
+        most often in the first steps) is passed over: an overflow is not an instability of the model."""
+        if metrics.get("scaler_skipped"):
+            return None
         why = self._unstable(step, _number(metrics.get("nelbo")), _number(metrics.get("grad_norm")))
         self._streak = self._streak + 1 if why else 0
         if why and self._streak >= self.patience and step >= self.n_warmup_steps:

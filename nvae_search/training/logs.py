@@ -82,6 +82,8 @@ class RunLogging:
             "kl_per_group": kl,
             "active_units_per_group": units,
             "time": self.elapsed,
+            # An fp16 step whose gradients overflowed: the scaler skipped it (no update, a lower scale).
+            **({"scaler_skipped": True} if info.get("scaler_skipped") else {}),
         }
 
     def log(self, metrics: dict[str, Any]) -> None:

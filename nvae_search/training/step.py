@@ -155,6 +155,7 @@ class OptimizerStep:
         overflow = not math.isfinite(norm)
         if overflow and not self.scaler.is_enabled():
             return self._nonfinite("gradient"), None
+        info["scaler_skipped"] = overflow
         self.tracker.observe_grad_norm(norm)
         if not overflow and self.cfg.skip_threshold is not None and norm > self.cfg.skip_threshold:
             self.tracker.skipped()
