@@ -141,8 +141,9 @@ class MemoryPredictor:
         They see only parameters, gradients and optimizer state, whose shapes no batch size, precision or
         checkpointing changes: simulated once here, added to every prediction's live bytes after the backward pass
         (a third of a simulated step's ops are the multi-tensor Adamax's, on every parameter). Simulated on plain meta
-        tensors of the parameters' shapes, about twice as fast as on fake ones, where the fake mode's answer is the
-        meta kernel's anyway; on the fake parameters if that fails.
+        tensors of the parameters' shapes, where the fake mode's answer is the meta kernel's anyway, through a memo
+        of their own (:class:`ShapeCache` without a fake mode: each multi-tensor op runs once per distinct parameter
+        shape); on the fake parameters if that fails.
         """
         try:
             return self._optimizer_extra_bytes(
