@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from .memory_cache import TraceStore
 from .memory_step import (
     AUTOCAST_DTYPES,
     Precision,
@@ -28,8 +29,8 @@ from .memory_step import (
     build_step_parts,
     forward_backward,
     init_optimizer_state,
+    optimizer_phase_bytes,
     state_tensors,
-    update,
     zero_adamax_state,
 )
 from .memory_trace import AffineTrace, StepTrace
@@ -91,10 +92,13 @@ class MemoryPredictor:
         *,
         replay: bool = True,
         progress: Callable[[str], None] | None = None,
+        cache: bool = True,
     ) -> None:
         """``replay``: after two simulated batch sizes of a setting, replay its step at other batch sizes (exact,
         see :class:`AffineTrace`); False simulates every prediction. ``progress`` is told what is being done (each
-        part takes seconds for a large recipe)."""
+        part takes seconds for a large recipe). ``cache``: keep traces in the disk store of
+        :mod:`nvae_search.memory_cache` and answer from it (with ``replay``); the network is then built only when a
+        step must be simulated."""
         self.recipe, self.device, self.replay = recipe, device, replay
         self.progress = progress or (lambda _: None)
         self.simulated_on = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
@@ -106,8 +110,38 @@ class MemoryPredictor:
         self._traces: dict[tuple[str, str], list[StepTrace]] = {}
         self._fits: dict[tuple[str, str], AffineTrace] = {}
         self.replays = self.simulations = 0
+        self.store = TraceStore.open(recipe, device, self.simulated_on) if replay and cache else None
+        self._parts: StepParts | None = None
+        self._optimizer_extra: int | None = None
+        if self.store is None:
+            self._build_or_fall_back()
+
+    @property
+    def parts(self) -> StepParts:
+        """The network, regulariser and optimizer on fake tensors (built on first use)."""
+        if self._parts is None:
+            self._build_or_fall_back()
+        assert self._parts is not None
+        return self._parts
+
+    @property
+    def optimizer_extra_bytes(self) -> int:
+        """Bytes the optimizer phase adds above what is live after the backward pass (see
+        :meth:`_measure_optimizer_phase`); from the store when it has them."""
+        if self._optimizer_extra is None and self.store is not None:
+            self._optimizer_extra = self.store.number(self._optimizer_entry())
+        if self._optimizer_extra is None:
+            self.parts  # noqa: B018  # building measures it
+        assert self._optimizer_extra is not None
+        return self._optimizer_extra
+
+    def _optimizer_entry(self) -> str:
+        # The multi-tensor Adamax allocates the same at any learning rate or epsilon; weight decay adds a list.
+        return f"optimizer-wd{int(bool(self.recipe.train.weight_decay))}"
+
+    def _build_or_fall_back(self) -> None:
         try:
-            self.parts = self._build()
+            self._parts = self._build()
         except Exception:
             if self.simulated_on == "cpu":
                 raise
@@ -125,69 +159,46 @@ class MemoryPredictor:
             parts = build_step_parts(self.recipe, 1, "fp32", False, self.device == "cuda", self.simulated_on)
             zero_adamax_state(parts.optimizer)
         try:
-            self.optimizer_extra_bytes = self._measure_optimizer_phase(parts)
+            self._optimizer_extra = self._measure_optimizer_phase(parts)
         except KeyError:  # this torch's Adamax keeps other state: let a first step make it, then measure the next
             parts.optimizer.state.clear()
             with self.fake_mode, StorageTracker(shapes=self.shapes):
                 init_optimizer_state(parts)
-            self.optimizer_extra_bytes = self._measure_optimizer_phase(parts)
+            self._optimizer_extra = self._measure_optimizer_phase(parts)
+        if self.store is not None:
+            self.store.save_number(self._optimizer_entry(), self._optimizer_extra)
         for p in parts.model.parameters():
             p.register_post_accumulate_grad_hook(self._count_grad)
         return parts
 
     def _measure_optimizer_phase(self, parts: StepParts) -> int:
-        """Bytes the gradient norm and the Adamax update allocate above what is live when they start.
-
-        They see only parameters, gradients and optimizer state, whose shapes no batch size, precision or
-        checkpointing changes: simulated once here, added to every prediction's live bytes after the backward pass
-        (a third of a simulated step's ops are the multi-tensor Adamax's, on every parameter). Simulated on plain meta
-        tensors of the parameters' shapes, where the fake mode's answer is the meta kernel's anyway, through a memo
-        of their own (:class:`ShapeCache` without a fake mode: each multi-tensor op runs once per distinct parameter
-        shape); on the fake parameters if that fails.
-        """
+        """The optimizer phase's extra bytes (:func:`~nvae_search.memory_step.optimizer_phase_bytes`): on plain meta
+        tensors through their own memo; on the fake parameters if that fails."""
         try:
-            return self._optimizer_extra_bytes(
+            return optimizer_phase_bytes(
                 [
                     torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="meta")
                     for p in parts.model.parameters()
                 ],
                 lambda params: zero_adamax_state(torch.optim.Adamax(params, **parts.optimizer.defaults)),
                 ShapeCache(None),
+                self.block_bytes,
             )
         except Exception:
             with self.fake_mode:
-                return self._optimizer_extra_bytes(
-                    list(parts.model.parameters()), lambda _: parts.optimizer, self.shapes
+                return optimizer_phase_bytes(
+                    list(parts.model.parameters()), lambda _: parts.optimizer, self.shapes, self.block_bytes
                 )
-
-    def _optimizer_extra_bytes(
-        self,
-        params: list[torch.Tensor],
-        make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
-        shapes: ShapeCache | None,
-    ) -> int:
-        optimizer = make_optimizer(params)
-        tracker = StorageTracker(self.block_bytes, shapes)
-        for p in params:
-            p.grad = torch.zeros_like(p)
-            tracker.track(p.grad, "grads")
-        for t in (*params, *state_tensors(optimizer)):
-            tracker.track(t, "params")
-        start = tracker.current
-        tracker.reset_peak()
-        try:
-            with tracker:
-                update(params, optimizer)
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-        return tracker.peak - start
 
     def _simulate_on_cpu(self) -> None:
         # Fake CUDA tensors failed on this torch build or machine: simulate on the CPU (CPU autocast rules) instead.
         self.simulated_on = "cpu"
         self._traces.clear()  # traced under CUDA's rules: not to be mixed with the CPU's
         self._fits.clear()
-        self.parts = self._build()
+        self._optimizer_extra = None
+        if self.store is not None:
+            self.store = TraceStore.open(self.recipe, self.device, "cpu")
+        self._parts = self._build()
 
     def _count_grad(self, p: torch.Tensor) -> None:
         # set_to_none at the start of each step: a gradient is allocated once per parameter per step.
@@ -197,7 +208,28 @@ class MemoryPredictor:
 
     def can_replay(self, precision: str, checkpointing: str) -> bool:
         """Whether steps at this setting are replayed from two traced batch sizes instead of simulated."""
-        return (resolve_precision(precision, self.device), checkpointing) in self._fits
+        return self._fit((resolve_precision(precision, self.device), checkpointing)) is not None
+
+    def _fit(self, setting: tuple[str, str]) -> AffineTrace | None:
+        if setting not in self._fits and self.store is not None:
+            fit = self.store.fit(setting)
+            if fit is not None:
+                self._fits[setting] = fit
+        return self._fits.get(setting)
+
+    def _stored_step(self, batch: int, setting: tuple[str, str]) -> tuple[int, dict[str, int]] | None:
+        """The figures of a step traced before at this very batch (or its refusal), from the store."""
+        if self.store is None:
+            return None
+        refusal = self.store.refusal(setting, batch)
+        if refusal is not None:
+            raise ValueError(refusal)
+        trace = self.store.trace(setting, batch)
+        single = AffineTrace.of(trace) if trace is not None else None
+        if single is None:
+            return None
+        self.replays += 1
+        return single.replay(batch, self.block_bytes, self.optimizer_extra_bytes)
 
     def predict(
         self, batch: int | None = None, precision: str | None = None, checkpointing: str | None = None
@@ -220,12 +252,12 @@ class MemoryPredictor:
             return self._predict(batch, prec, ckpt)
 
     def _predict(self, batch: int, prec: Precision, ckpt: str) -> MemoryPrediction:
-        fit = self._fits.get((prec, ckpt)) if batch >= 2 else None
+        fit = self._fit((prec, ckpt)) if batch >= 2 and self.replay else None
         if fit is not None:
             self.replays += 1
             peak, kinds = fit.replay(batch, self.block_bytes, self.optimizer_extra_bytes)
         else:
-            peak, kinds = self._simulate(batch, prec, ckpt)
+            peak, kinds = self._stored_step(batch, (prec, ckpt)) or self._simulate(batch, prec, ckpt)
         ema = kinds.get("params", 0) if self.recipe.train.ema_decay else 0  # AveragedModel: copy of params, buffers
         params, grads, opt = kinds.get("params", 0) + ema, kinds.get("grads", 0), kinds.get("optimizer", 0)
         peak += ema
@@ -257,18 +289,36 @@ class MemoryPredictor:
                 trace.mark("end")
                 tracker.add_transient(self.optimizer_extra_bytes)  # the optimizer phase, measured once
                 del held
+            except ValueError as err:  # the recipe refuses this batch (batch norm over one value per channel)
+                if self.store is not None:
+                    self.store.save_refusal((prec, ckpt), batch, str(err))
+                raise
             finally:
                 self._tracker = None
                 parts.optimizer.zero_grad(set_to_none=True)
                 parts.x = parts.x.new_empty(0)
+        if self.store is not None:
+            self.store.save_trace((prec, ckpt), trace)
         if self.replay and batch >= 2 and (prec, ckpt) not in self._fits:
-            traces = [*[t for t in self._traces.setdefault((prec, ckpt), []) if t.batch != batch][-1:], trace]
-            self._traces[(prec, ckpt)] = traces
-            fit = AffineTrace.fit(*traces) if len(traces) == 2 else None
-            if fit is not None:
-                self._fits[(prec, ckpt)] = fit
-                del self._traces[(prec, ckpt)]
+            self._fit_traces((prec, ckpt), trace)
         return tracker.peak, tracker.peak_by_kind
+
+    def _fit_traces(self, setting: tuple[str, str], trace: StepTrace) -> None:
+        """Fit the new trace with one of another batch (of this predictor, else from the store)."""
+        others = [t for t in self._traces.get(setting, []) if t.batch != trace.batch][-1:]
+        if not others and self.store is not None:
+            for batch in self.store.traced_batches(setting):
+                stored = self.store.trace(setting, batch) if batch >= 2 and batch != trace.batch else None
+                if stored is not None:
+                    others = [stored]
+                    break
+        self._traces[setting] = [*others, trace]
+        fit = AffineTrace.fit(*others, trace) if others else None
+        if fit is not None:
+            self._fits[setting] = fit
+            del self._traces[setting]
+            if self.store is not None:
+                self.store.save_fit(setting, fit)
 
 
 def predict_step_memory(

@@ -5,13 +5,14 @@ pass and the optimizer phase, which the prediction simulates once per recipe."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .memory_tracking import ShapeCache, StorageTracker
 from .model.builder import build_model
 from .objectives import SpectralRegularizer, balanced_kl, bn_regularization, kl_balance_alpha
 from .schema import Recipe
@@ -143,3 +144,34 @@ def update(
 def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
     for state in optimizer.state.values():
         yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def optimizer_phase_bytes(
+    params: list[torch.Tensor],
+    make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    shapes: ShapeCache | None,
+    block_bytes: int,
+) -> int:
+    """Bytes the gradient norm and the Adamax update allocate above what is live when they start.
+
+    They see only parameters, gradients and optimizer state, whose shapes no batch size, precision or checkpointing
+    changes: the predictor simulates them once and adds them to every prediction's live bytes after the backward pass
+    (a third of a simulated step's ops are the multi-tensor Adamax's, on every parameter). On plain meta tensors,
+    where the fake mode's answer is the meta kernel's anyway, ``shapes`` is a memo of their own
+    (:class:`ShapeCache` without a fake mode: each multi-tensor op runs once per distinct parameter shape).
+    """
+    optimizer = make_optimizer(params)
+    tracker = StorageTracker(block_bytes, shapes)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+        tracker.track(p.grad, "grads")
+    for t in (*params, *state_tensors(optimizer)):
+        tracker.track(t, "params")
+    start = tracker.current
+    tracker.reset_peak()
+    try:
+        with tracker:
+            update(params, optimizer)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return tracker.peak - start

@@ -42,6 +42,27 @@ class StepTrace:
         self.types.append({"reset": 3, "end": 4}[what])
         self.values.append(0)
 
+    def to_arrays(self) -> dict[str, Any]:
+        names = sorted(set(self.kinds))
+        return {
+            "batch": np.array(self.batch),
+            "types": np.array(self.types, dtype=np.int8),
+            "values": np.array(self.values, dtype=np.int64),
+            "sizes": np.array(self.sizes, dtype=np.int64),
+            "kind_codes": np.array([names.index(k) for k in self.kinds], dtype=np.int16),
+            "kind_names": np.array(names, dtype=str),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> StepTrace:
+        trace = cls(int(arrays["batch"]))
+        names = [str(n) for n in arrays["kind_names"]]
+        trace.types, trace.values = arrays["types"].tolist(), arrays["values"].tolist()
+        trace.sizes, trace.kinds = arrays["sizes"].tolist(), [names[c] for c in arrays["kind_codes"].tolist()]
+        if len(trace.types) != len(trace.values) or len(trace.sizes) != len(trace.kinds):
+            raise ValueError("a damaged step trace")
+        return trace
+
 
 class AffineTrace:
     """Two traces of one step at two batch sizes, each event's bytes an affine function of the batch: the step's
@@ -70,6 +91,37 @@ class AffineTrace:
             return None
         (alloc_a, alloc_b), (grad_a, grad_b) = lines  # type: ignore[misc]
         return cls(types, np.where(types == 1, v1, 0), one.kinds, alloc_a, alloc_b, grad_a, grad_b)
+
+    @classmethod
+    def of(cls, trace: StepTrace) -> AffineTrace | None:
+        """One trace as a "fit" with nothing per image: replayed at its own batch it gives that step's figures,
+        with any optimizer phase (None for a trace without its two marks)."""
+        types = np.array(trace.types, dtype=np.int8)
+        if (types == 3).sum() != 1 or (types == 4).sum() != 1:
+            return None
+        values, sizes = np.array(trace.values, dtype=np.int64), np.array(trace.sizes, dtype=np.int64)
+        grads = values[types == 2]
+        refs = np.where(types == 1, values, 0)
+        return cls(types, refs, trace.kinds, sizes, np.zeros_like(sizes), grads, np.zeros_like(grads))
+
+    def to_arrays(self) -> dict[str, Any]:
+        return {
+            "types": self.types,
+            "refs": self.refs,
+            "kind_codes": self.kind_codes,
+            "kind_names": np.array(self.kind_names, dtype=str),
+            **{name: getattr(self, name) for name in ("alloc_a", "alloc_b", "grad_a", "grad_b")},
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> AffineTrace:
+        names = [str(n) for n in arrays["kind_names"]]
+        kinds = [names[c] for c in arrays["kind_codes"].tolist()]
+        lines = [arrays[name].astype(np.int64) for name in ("alloc_a", "alloc_b", "grad_a", "grad_b")]
+        types, refs = arrays["types"].astype(np.int8), arrays["refs"].astype(np.int64)
+        if len(kinds) != len(lines[0]) or (types == 0).sum() != len(kinds) or len(refs) != len(types):
+            raise ValueError("a damaged trace fit")
+        return cls(types, refs, kinds, *lines)
 
     def replay(self, batch: int, block_bytes: int, after_end: int = 0) -> tuple[int, dict[str, int]]:
         """Peak live bytes and their kinds (``grads`` apart), as :class:`StorageTracker` keeps them, at ``batch``;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,11 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The memory predictor's disk store stays off in the tests (its own tests turn it on in a temporary folder): a
+# prediction answered from an earlier test's entries would hide what a test means to simulate, and the suite must
+# not write into the user's cache. Set before anything runs, so subprocesses (CLI runs, Ray workers) inherit it.
+os.environ["NVAE_SEARCH_MEMORY_CACHE"] = "off"
 
 # Recipe overrides under which one process at batch 2B and two data-parallel ranks at batch B log the same losses:
 # no batch norm (res_elu cells, no SE), β = 1 from the start (no per-rank KL balancing), no LR warm-up, no dynamic

@@ -157,6 +157,7 @@ FLOORS: dict[str, int] = {
     "nvae_search.memory": 3,
     "nvae_search.memory_tracking": 3,
     "nvae_search.memory_trace": 3,
+    "nvae_search.memory_cache": 3,
     "nvae_search.memory_step": 3,
     "nvae_search.bench": 3,
     "nvae_search.tracking": 3,

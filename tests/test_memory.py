@@ -12,7 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner, Result
 
-from nvae_search import memory, memory_step, memory_trace
+from nvae_search import memory, memory_cache, memory_step, memory_trace
 from nvae_search.cli import app
 from nvae_search.profile import STEP_MEMORY, _measure_steps
 from nvae_search.schema import load_recipe
@@ -168,7 +168,7 @@ def test_the_optimizer_phase_on_meta_tensors_is_memoised_without_changing_its_by
     def extra_bytes(cache: memory.ShapeCache | None) -> int:
         params = [torch.empty(s, device="meta") for s in shapes]
         optimizer = memory_step.zero_adamax_state(torch.optim.Adamax(params, **parts.optimizer.defaults))
-        return predictor._optimizer_extra_bytes(params, lambda _: optimizer, cache)
+        return memory_step.optimizer_phase_bytes(params, lambda _: optimizer, cache, predictor.block_bytes)
 
     cache = memory.ShapeCache(None)
     assert extra_bytes(cache) == extra_bytes(None) == predictor.optimizer_extra_bytes > 0
@@ -216,6 +216,98 @@ def test_replayed_steps_equal_simulated_ones(recipe: str) -> None:
             assert fast.predict(batch, precision, checkpointing) == slow.predict(batch, precision, checkpointing)
         assert fast.simulations == simulations and fast.replays >= 3
     assert not slow.can_replay("fp32", "off")
+
+
+@pytest.fixture
+def memory_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The predictor's disk store on, in a temporary folder (the suite keeps it off: tests/conftest.py)."""
+    root = tmp_path / "memory-store"
+    monkeypatch.setenv(memory_cache.CACHE_ENV, str(root))
+    return root
+
+
+STORE_SETTINGS = [(4, "fp32", "off"), (9, "fp32", "off"), (2, "fp16", "cell"), (5, "fp16", "cell"), (1, "fp16", "cell")]
+
+
+def test_a_network_predicted_once_is_answered_from_the_disk_store(memory_store: Path) -> None:
+    """A second predictor (a later ``validate``, another trial of the architecture) answers every batch from the
+    store without building the network or simulating a step: the same figures as without any store."""
+    recipe = load_recipe(TINY)
+    first = memory.MemoryPredictor(recipe, "cuda")
+    expected = [first.predict(*s) for s in STORE_SETTINGS]
+    assert first.simulations == 5 and first.can_replay("fp32", "off")  # 4 and 9 traced: a fit, then replays
+    assert expected == [memory.MemoryPredictor(recipe, "cuda", cache=False).predict(*s) for s in STORE_SETTINGS]
+    second = memory.MemoryPredictor(recipe, "cuda")
+    said: list[str] = []
+    second.progress = said.append
+    assert [second.predict(*s) for s in STORE_SETTINGS] == expected
+    assert [second.predict(b, p, c) for b, p, c in [(13, "fp32", "off"), (7, "fp16", "cell")]] == [
+        first.predict(b, p, c) for b, p, c in [(13, "fp32", "off"), (7, "fp16", "cell")]
+    ]
+    assert second.simulations == 0 and second._parts is None and said == []  # nothing built, nothing simulated
+    # one trace of a setting in the store and one made now give the fit: a process that simulates batch 6 replays
+    third = memory.MemoryPredictor(recipe, "cuda")
+    third.predict(6, "bf16", "off")
+    assert not third.can_replay("bf16", "off")
+    fourth = memory.MemoryPredictor(recipe, "cuda")
+    fourth.predict(3, "bf16", "off")
+    assert fourth.can_replay("bf16", "off") and fourth.simulations == 1
+    assert fourth.predict(11, "bf16", "off") == memory.MemoryPredictor(recipe, "cuda", replay=False).predict(
+        11, "bf16", "off"
+    )
+
+
+def test_the_store_keeps_apart_what_changes_the_figures(memory_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another network, weight decay (the optimizer phase) and another version of the code each miss the store;
+    damaged entries are ignored and a store that cannot be written costs nothing but the speed-up."""
+    recipe = load_recipe(TINY)
+    memory.MemoryPredictor(recipe, "cuda").predict(4, "fp32", "off")
+    wider = load_recipe(TINY, overrides={"model.num_channels_enc": 8, "model.num_channels_dec": 8})
+    other = memory.MemoryPredictor(wider, "cuda")
+    wider_reference = memory.MemoryPredictor(wider, "cuda", cache=False)
+    assert other.predict(4, "fp32", "off") == wider_reference.predict(4, "fp32", "off") and other.simulations == 1
+    undecayed = load_recipe(TINY, overrides={"train.weight_decay": 0.0})  # the recipe's Adamax decays: 3e-4
+    without_decay = memory.MemoryPredictor(undecayed, "cuda")
+    reference = memory.MemoryPredictor(undecayed, "cuda", cache=False)
+    assert without_decay.predict(4, "fp32", "off") == reference.predict(4, "fp32", "off")
+    assert without_decay.simulations == 0 and without_decay._parts is not None  # trace reused, optimizer measured
+    assert without_decay.store is not None
+    assert sorted(p.name for p in without_decay.store.folder.glob("optimizer-*")) == [
+        "optimizer-wd0.json",
+        "optimizer-wd1.json",
+    ]
+
+    for path in memory_store.rglob("*.npz"):
+        path.write_bytes(path.read_bytes()[:100])  # torn entries
+    torn = memory.MemoryPredictor(recipe, "cuda")
+    assert torn.predict(4, "fp32", "off") == reference_tiny(4) and torn.simulations == 1
+
+    monkeypatch.setattr(memory_cache, "code_digest", lambda: "another version of the code")
+    changed = memory.MemoryPredictor(recipe, "cuda")
+    assert changed.predict(4, "fp32", "off") == reference_tiny(4) and changed.simulations == 1
+
+    blocked = memory_store.parent / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(memory_cache.CACHE_ENV, str(blocked / "store"))
+    unwritable = memory.MemoryPredictor(recipe, "cuda")
+    assert unwritable.predict(4, "fp32", "off") == reference_tiny(4) and unwritable.simulations == 1
+    monkeypatch.setenv(memory_cache.CACHE_ENV, "off")
+    assert memory.MemoryPredictor(recipe, "cuda").store is None
+
+
+def reference_tiny(batch: int) -> memory.MemoryPrediction:
+    return memory.MemoryPredictor(load_recipe(TINY), "cuda", cache=False).predict(batch, "fp32", "off")
+
+
+def test_a_refusal_in_the_store_is_raised_again_without_simulating(memory_store: Path) -> None:
+    """Batch norm's refusal of a batch (one value per channel) is stored with its message and raised again."""
+    recipe = load_recipe(TINY)
+    predictor = memory.MemoryPredictor(recipe, "cuda")
+    assert predictor.store is not None
+    predictor.store.save_refusal(("fp32", "off"), 1, "Expected more than 1 value per channel when training")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        predictor.predict(1, "fp32", "off")
+    assert predictor.simulations == 0
 
 
 def _trace(batch: int, events: list[tuple[str, int]]) -> memory_trace.StepTrace:
