@@ -106,7 +106,8 @@ class MemoryPredictor:
         self._tracker: StorageTracker | None = None
         self._counted: set[int] = set()
         # Per (precision, checkpointing): traces of simulated steps at batches >= 2, and their affine fit once two
-        # batch sizes are traced (batch 1 is always simulated: batch norm may refuse one value per channel).
+        # batch sizes are traced (batch 1 is never replayed from a fit: batch norm may refuse one value per channel;
+        # it is simulated, or its own trace taken from the store).
         self._traces: dict[tuple[str, str], list[StepTrace]] = {}
         self._fits: dict[tuple[str, str], AffineTrace] = {}
         self.replays = self.simulations = 0
