@@ -42,12 +42,12 @@ def test_bn_regulariser_survives_sync_batchnorm_conversion() -> None:
     with torch.no_grad():  # trained-looking γ, so the value is not just the count of layers
         for i, bn in enumerate(model.batch_norms()):
             bn.weight.fill_(1.0 + 0.01 * i)
-    before = float(bn_regularization(model))
+    before = float(bn_regularization(model).detach())
     count = len(model.batch_norms())
     assert before > 0
     converted = synced(model)
     assert len(converted.batch_norms()) == count
-    assert float(bn_regularization(converted)) == pytest.approx(before, rel=1e-6)
+    assert float(bn_regularization(converted).detach()) == pytest.approx(before, rel=1e-6)
 
 
 def _step(model: NVAE, x: torch.Tensor) -> None:

@@ -104,7 +104,7 @@ def test_shared_celeba_sample_prepares_like_the_official_loader() -> None:
     assert tuple(train.images.shape) == (4, 3, 64, 64)
     with Image.open(CELEBA / "000001.jpg") as src:
         expected = np.asarray(src.convert("RGB").crop((8, 20, 82, 94)).resize((64, 64), Image.Resampling.BILINEAR))
-    assert torch.equal(train.images[0], torch.from_numpy(expected).permute(2, 0, 1))
+    assert torch.equal(train.images[0], torch.from_numpy(expected.copy()).permute(2, 0, 1))
     # No list_eval_partition.txt beside the sample: the sorted tail is held out, disjoint from training.
     assert len(build_dataset(cfg, split="test", resolution=64, channels=3)) == 2
 
