@@ -10,7 +10,8 @@ on whether Adamax decays weights. Entries are written atomically; an entry that 
 rewritten by the next simulation), and a store that cannot be written costs nothing but the speed-up.
 
 Location: ``$NVAE_SEARCH_MEMORY_CACHE`` when it names a folder, ``off`` (or ``0``) to use none; else
-``$XDG_CACHE_HOME/nvae-search/memory`` or ``~/.cache/nvae-search/memory``. Deleting the folder is always safe.
+``$XDG_CACHE_HOME/nvae-search/memory`` or ``~/.cache/nvae-search/memory``. Deleting the folder is always safe; past
+2 GiB a network new to the store removes those used longest ago.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,9 @@ from .schema import Recipe
 __all__ = ["CACHE_ENV", "TraceStore", "cache_root"]
 
 CACHE_ENV = "NVAE_SEARCH_MEMORY_CACHE"
+# Past this, a network new to the store makes room by removing the networks used longest ago (about 1 MB each for
+# the paper's largest recipes: hundreds of architectures fit).
+STORE_MAX_BYTES = 2 * 1024**3
 
 
 def cache_root() -> Path | None:
@@ -68,12 +73,18 @@ class TraceStore:
             "simulated_on": simulated_on,
             "code": code_digest(),
         }
+        self.root = root
         self.folder = root / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
     @classmethod
     def open(cls, recipe: Recipe, device: str, simulated_on: str) -> TraceStore | None:
         root = cache_root()
-        return None if root is None else cls(root, recipe, device, simulated_on)
+        if root is None:
+            return None
+        store = cls(root, recipe, device, simulated_on)
+        with contextlib.suppress(OSError):
+            os.utime(store.folder)  # used now: the last to be removed when the store makes room
+        return store
 
     # ------------------------------------------------------------------------------------------- traces and fits
     def save_trace(self, setting: tuple[str, str], trace: StepTrace) -> None:
@@ -145,7 +156,24 @@ class TraceStore:
 
     def _write(self, name: str, data: bytes) -> None:
         with contextlib.suppress(OSError):  # a read-only or full disk: the prediction stands, only the speed-up goes
+            new = not self.folder.exists()
             atomic_write_bytes(self.folder / name, data)
+            if new:
+                self._make_room()
+
+    def _make_room(self) -> None:
+        """Remove the networks used longest ago (never this one) while the store is over :data:`STORE_MAX_BYTES`."""
+        folders = []
+        for folder in self.root.iterdir():
+            if folder.is_dir() and folder != self.folder:
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+                folders.append((folder.stat().st_mtime, size, folder))
+        total = sum(size for _, size, _ in folders) + sum(f.stat().st_size for f in self.folder.iterdir())
+        for _, size, folder in sorted(folders, key=lambda entry: entry[0]):
+            if total <= STORE_MAX_BYTES:
+                break
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
 
     @staticmethod
     def _parse(parse: Any, arrays: dict[str, Any] | None) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,26 @@ def test_the_store_keeps_apart_what_changes_the_figures(memory_store: Path, monk
     assert unwritable.predict(4, "fp32", "off") == reference_tiny(4) and unwritable.simulations == 1
     monkeypatch.setenv(memory_cache.CACHE_ENV, "off")
     assert memory.MemoryPredictor(recipe, "cuda").store is None
+
+
+def test_the_store_makes_room_by_removing_the_networks_used_longest_ago(
+    memory_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over its size limit, a network new to the store removes the folders used longest ago, never its own;
+    opening a network's folder counts as a use."""
+    tiny = load_recipe(TINY)
+    store = memory_cache.TraceStore.open(tiny, "cuda", "cpu")
+    assert store is not None
+    reopened, old, recent = store.folder, memory_store / "old", memory_store / "recent"
+    for age, folder in enumerate((reopened, old, recent)):
+        folder.mkdir(parents=True)
+        (folder / "fp32-off-b4.npz").write_bytes(b"x" * 1000)
+        os.utime(folder, (1000 + age, 1000 + age))  # by last use: tiny's, old, recent
+    memory_cache.TraceStore.open(tiny, "cuda", "cpu")  # tiny's network used again: now the most recent
+    store.folder = memory_store / "new"
+    monkeypatch.setattr(memory_cache, "STORE_MAX_BYTES", 2100)  # three of the four folders: one must go
+    store.save_number("optimizer-wd1", 5)
+    assert sorted(p.name for p in memory_store.iterdir()) == sorted(["new", "recent", reopened.name])
 
 
 def reference_tiny(batch: int) -> memory.MemoryPrediction:
