@@ -48,7 +48,12 @@ def cache_root() -> Path | None:
         return None
     if value:
         return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home directory to be found (some containers): no store
+            return None
     return Path(base) / "nvae-search" / "memory"
 
 
@@ -81,7 +86,10 @@ class TraceStore:
         root = cache_root()
         if root is None:
             return None
-        store = cls(root, recipe, device, simulated_on)
+        try:
+            store = cls(root, recipe, device, simulated_on)
+        except OSError:  # the package's sources unreadable for the code hash: no store, the prediction stands
+            return None
         with contextlib.suppress(OSError):
             os.utime(store.folder)  # used now: the last to be removed when the store makes room
         return store

@@ -294,6 +294,14 @@ def test_the_store_keeps_apart_what_changes_the_figures(memory_store: Path, monk
     assert unwritable.predict(4, "fp32", "off") == reference_tiny(4) and unwritable.simulations == 1
     monkeypatch.setenv(memory_cache.CACHE_ENV, "off")
     assert memory.MemoryPredictor(recipe, "cuda").store is None
+    monkeypatch.delenv(memory_cache.CACHE_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))  # a container without a home: no store, no error
+    assert memory_cache.cache_root() is None and memory.MemoryPredictor(recipe, "cuda").store is None
 
 
 def test_the_store_makes_room_by_removing_the_networks_used_longest_ago(
