@@ -97,20 +97,7 @@ class StorageTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is _DEVICE and type(args[0]) is self._fake_type:
             return args[0].fake_device  # asked by every `.device` (12,000 times a step of a small recipe)
-        handled, out = self.shapes.foreach(func, args, kwargs) if self.shapes is not None else (False, None)
-        key = self.shapes.key(func, args, kwargs) if self.shapes is not None and not handled else None
-        if handled:
-            pass
-        elif key is not None:
-            out = self.shapes.replay(key, args)
-            if out is None:
-                out = self.shapes.compute(key, func, args, kwargs)
-        elif self.shapes is not None:
-            out = self.shapes.view(func, args, kwargs)
-        if out is None and not handled:
-            out = func(*args, **kwargs)
-            if key is not None:
-                self.shapes.record(key, args, out)
+        out = self.shapes.run(func, args, kwargs) if self.shapes is not None else func(*args, **kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.track(t)
@@ -137,6 +124,26 @@ class ShapeCache:
         self.hits = self.misses = self.computed = self.viewed = 0
         self._meta_ok: dict[Any, bool] = {}
         self._views: dict[Any, bool] = {}
+
+    def run(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``func(*args, **kwargs)``, answered by the first shortcut that applies: a multi-tensor op on meta tensors
+        (:meth:`foreach`), a memoised op (:meth:`replay`), a new one on its bare meta kernel (:meth:`compute`), a
+        view (:meth:`view`); else the op itself, its outputs memoised when they can be."""
+        handled, out = self.foreach(func, args, kwargs)
+        if handled:
+            return out
+        key = self.key(func, args, kwargs)
+        if key is None:
+            out = self.view(func, args, kwargs)
+        else:
+            out = self.replay(key, args)
+            if out is None:
+                out = self.compute(key, func, args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
+            if key is not None:
+                self.record(key, args, out)
+        return out
 
     def _kind(self, func: Any) -> str | None:
         """``fresh``: returns new tensors only; ``self``: updates its first argument's data in place and returns it
