@@ -159,14 +159,13 @@ def gpu_train_setting(
 def _measure_train(
     recipe: Recipe, batch: int, precision: str, checkpointing: str, steps: int, device: str
 ) -> dict[str, Any]:
-    from .memory_step import build_step_parts, init_optimizer_state, training_step
-    from .training.step import FP16_INIT_SCALE
+    from .memory_step import build_step_parts, gradient_scaler, init_optimizer_state, training_step
 
     torch.manual_seed(0)
     cuda = device == "cuda"
     parts = build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=cuda, device=device)  # type: ignore[arg-type]
     init_optimizer_state(parts)
-    scaler = torch.amp.GradScaler(device, init_scale=FP16_INIT_SCALE) if precision == "fp16" else None
+    scaler = gradient_scaler(precision, device)
     _timed(lambda: training_step(parts, scaler), device)  # warm-up: cuDNN autotuning, allocator growth
     if cuda:
         torch.cuda.reset_peak_memory_stats()

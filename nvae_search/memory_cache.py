@@ -112,7 +112,12 @@ class TraceStore:
         return sorted(found)
 
     def save_fit(self, setting: tuple[str, str], fit: AffineTrace) -> None:
+        """The fit; the setting's traces at batches of 2 or more go (the fit replays each of them exactly)."""
         self._save_arrays(self._name(setting, "fit.npz"), fit.to_arrays())
+        for batch in self.traced_batches(setting):
+            if batch >= 2:
+                with contextlib.suppress(OSError):
+                    (self.folder / self._name(setting, f"b{batch}.npz")).unlink(missing_ok=True)
 
     def fit(self, setting: tuple[str, str]) -> AffineTrace | None:
         return self._parse(AffineTrace.from_arrays, self._load_arrays(self._name(setting, "fit.npz")))

@@ -223,8 +223,7 @@ def _step_state(job: dict[str, Any]) -> tuple[Any, Any, Any]:
 
     import torch
 
-    from .memory_step import build_step_parts, init_optimizer_state
-    from .training.step import FP16_INIT_SCALE
+    from .memory_step import build_step_parts, gradient_scaler, init_optimizer_state
 
     torch.manual_seed(0)
     recipe = Recipe.model_validate(job["recipe"])
@@ -234,7 +233,7 @@ def _step_state(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     )
     parts.x = random_input(recipe.model, job["batch"], torch.device(device))
     init_optimizer_state(parts)
-    scaler = torch.amp.GradScaler(device, init_scale=FP16_INIT_SCALE) if job["precision"] == "fp16" else None
+    scaler = gradient_scaler(job["precision"], device)
     ema = copy.deepcopy(parts.model) if recipe.train.ema_decay else None  # AveragedModel holds such a copy
     return parts, scaler, ema
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..memory_step import FP16_INIT_SCALE
 from ..model.nvae import NVAE
 from ..objectives import (
     SpectralRegularizer,
@@ -31,7 +32,6 @@ from .budget import Budget
 from .control import Ranks
 
 MIN_GRAD_SCALE = 2.0**-20
-FP16_INIT_SCALE = 2.0**10  # the official gradient scaler's initial scale
 # fp16 autocast and its gradient scaler run on CPUs too, slowly: users are sent to bf16 there, the tests lift this.
 FP16_DEVICES: tuple[str, ...] = ("cuda",)
 
