@@ -198,3 +198,40 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
         (4, "stopped", "interrupted by SIGTERM"),
     ]
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+
+
+def fp16_on_cpu_without_latent_noise(rank: int) -> None:
+    """Worker init: the CUDA recipes' fp16 autocast and gradient scaler allowed on the CPU (see
+    tests/test_train.py::fp16_on_cpu), latents at their mean."""
+    importlib.import_module("nvae_search.training.step").FP16_DEVICES = ("cuda", "cpu")
+    deterministic_latents(rank)
+
+
+def test_fp16_data_parallel_ranks_skip_the_same_overflowed_steps_as_one_process(
+    tmp_path: Path, torch_single_thread: None, no_latent_noise: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 with the official scaler (2^10) overflows in the tiny recipe's first steps. Each rank has its own scaler;
+    gradients are averaged before unscaling, so an overflow on one rank is an overflow on all: every rank must skip
+    the same steps and lower its scale alike, or the ranks' weights part ways. Two ranks of batch 4 follow one process
+    of batch 8: the same overflowed steps, the same final scale, the same losses."""
+    monkeypatch.setattr(importlib.import_module("nvae_search.training.step"), "FP16_DEVICES", ("cuda", "cpu"))
+    fp16 = {"model.numerics.precision": "fp16", "train.steps": 8}
+    single = train(recipe(8, **fp16), tmp_path / "single")
+    ddp = train_data_parallel(
+        recipe(4, **fp16),
+        tmp_path / "ddp",
+        workers=2,
+        backend="gloo",
+        threads_per_worker=1,
+        worker_init=fp16_on_cpu_without_latent_noise,
+    )
+    assert single.status == ddp.status == "completed" and single.steps == ddp.steps == 8
+    a, b = logged(tmp_path / "single"), logged(tmp_path / "ddp")
+    overflowed = [step for step in sorted(a) if a[step].get("scaler_skipped")]
+    assert len(overflowed) >= 3, "the test needs overflows to compare"
+    assert [step for step in sorted(b) if b[step].get("scaler_skipped")] == overflowed
+    scales = [load_checkpoint(tmp_path / run / "checkpoint.pt")["scaler"]["scale"] for run in ("single", "ddp")]
+    assert scales[0] == scales[1] == 2.0 ** (10 - len(overflowed))
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4), step  # measured: <= 2.3e-6
+    assert a[8]["loss"] < a[overflowed[-1] + 1]["loss"], "the runs did train after the overflows"
