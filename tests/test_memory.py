@@ -139,6 +139,36 @@ def test_prediction_is_monotone_and_adds_up(tiny_predictor: memory.MemoryPredict
     assert memory.resolve_precision("auto", "cuda") == "fp16" and memory.resolve_precision("auto", "cpu") == "fp32"
 
 
+def test_views_made_without_the_fake_mode_are_the_fake_modes_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every view the shape cache makes on a meta kernel (the fake mode's own rules for ``view``, ``select``,
+    ``squeeze`` and ``slice`` included, which differ from it only for sizes unknown until run time) has the sizes,
+    strides, offset and storage the fake mode gives it."""
+    made: dict[str, int] = {}
+    shortcut = memory.ShapeCache.view
+
+    def checked(self: memory.ShapeCache, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        out = shortcut(self, func, args, kwargs)
+        if out is not None:
+            own = func(*args, **kwargs)  # inside the tracker's dispatch: through the fake mode
+            assert (out.shape, out.stride(), out.storage_offset(), out.dtype, out.fake_device) == (
+                own.shape,
+                own.stride(),
+                own.storage_offset(),
+                own.dtype,
+                own.fake_device,
+            ), func
+            assert out.untyped_storage()._cdata == args[0].untyped_storage()._cdata, func
+            made[str(func)] = made.get(str(func), 0) + 1
+        return out
+
+    monkeypatch.setattr(memory.ShapeCache, "view", checked)
+    predictor = memory.MemoryPredictor(load_recipe(TINY), device="cuda", replay=False, cache=False)
+    for setting in [(3, "fp32", "off"), (2, "fp16", "cell")]:
+        predictor.predict(*setting)
+    static = {"aten.view.default", "aten.select.int", "aten.squeeze.dim", "aten.slice.Tensor"}
+    assert static <= set(made), made
+
+
 def test_the_shape_cache_speeds_up_without_changing_any_figure() -> None:
     """Ops seen before are replayed from the memo, new ones and views run on bare meta kernels where the fake mode
     itself would: every figure as with every op through the fake mode."""
@@ -158,9 +188,13 @@ def test_the_shape_cache_speeds_up_without_changing_any_figure() -> None:
     assert cached == plain
 
 
-def test_the_optimizer_phase_on_meta_tensors_is_memoised_without_changing_its_bytes() -> None:
+@pytest.mark.parametrize("weight_decay", [0.0, 3e-4])
+def test_the_optimizer_phase_on_meta_tensors_is_memoised_without_changing_its_bytes(
+    weight_decay: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The optimizer phase runs on plain meta tensors: element ops are replayed from the memo and each multi-tensor
-    op runs once per distinct parameter shape, with the same bytes as every op run by its meta kernel."""
+    op runs once per distinct parameter shape, with the same bytes as every op run by its meta kernel. Weight decay
+    adds a multi-tensor op with a keyword (``_foreach_add(grads, params, alpha=wd)``), memoised alike."""
     predictor = memory.MemoryPredictor(load_recipe(TINY), device="cuda")
     parts = predictor.parts
     shapes = [p.shape for p in parts.model.parameters()]
@@ -168,12 +202,24 @@ def test_the_optimizer_phase_on_meta_tensors_is_memoised_without_changing_its_by
 
     def extra_bytes(cache: memory.ShapeCache | None) -> int:
         params = [torch.empty(s, device="meta") for s in shapes]
-        optimizer = memory_step.zero_adamax_state(torch.optim.Adamax(params, **parts.optimizer.defaults))
+        defaults = {**parts.optimizer.defaults, "weight_decay": weight_decay}
+        optimizer = memory_step.zero_adamax_state(torch.optim.Adamax(params, **defaults))
         return memory_step.optimizer_phase_bytes(params, lambda _: optimizer, cache, predictor.block_bytes)
 
-    cache = memory.ShapeCache(None)
-    assert extra_bytes(cache) == extra_bytes(None) == predictor.optimizer_extra_bytes > 0
-    assert cache.hits >= len(shapes) - len(set(shapes))
+    answered: dict[str, bool] = {}
+    memoised_foreach = memory.ShapeCache.foreach
+
+    def spy(self: memory.ShapeCache, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        handled, out = memoised_foreach(self, func, args, kwargs)
+        if func._schema.name.startswith("aten::_foreach_") and args[0][0].is_meta:  # not the CPU step counters
+            answered[str(func)] = handled
+        return handled, out
+
+    reference = extra_bytes(None)
+    monkeypatch.setattr(memory.ShapeCache, "foreach", spy)
+    assert extra_bytes(memory.ShapeCache(None)) == reference > 0
+    assert len(answered) >= 5 and all(answered.values()), answered
+    assert ("aten._foreach_add.List" in answered) == (weight_decay > 0)
 
 
 def whole_step_peak_bytes(recipe_path: Path, batch: int, precision: str, checkpointing: str) -> int:
