@@ -5,9 +5,11 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -143,17 +145,24 @@ def gpu_train_setting(
     """
     row: dict[str, Any] = {"precision": precision, "checkpointing": checkpointing, "batch": batch}
     if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        row["error"] = "bf16 is not supported by this GPU (before Ampere): not run"
-        return row
+        return {**row, "outcome": "not supported", "error": "bf16 needs an Ampere or newer GPU: not run"}
+    return {**row, **_reported(partial(_measure_train, recipe, batch, precision, checkpointing, steps, device), device)}
+
+
+Outcome = Literal["ok", "out of memory", "not supported", "failed"]
+
+
+def _reported(measure: Callable[[], dict[str, Any]], device: str) -> dict[str, Any]:
+    """``measure()``'s figures with ``"outcome": "ok"``, or its error as an outcome and a message: one failing part
+    must not cost the others' figures. Everything it allocated is freed before the next part."""
     try:
-        row.update(_measure_train(recipe, batch, precision, checkpointing, steps, device))
+        return {**measure(), "outcome": "ok"}
     except torch.cuda.OutOfMemoryError as err:
-        row["error"] = f"out of memory: {_first_line(err)}"
-    except Exception as err:  # one failing setting must not cost the others' figures
-        row["error"] = f"{type(err).__name__}: {_first_line(err)}"
+        return {"outcome": "out of memory", "error": f"out of memory: {_first_line(err)}"}
+    except Exception as err:
+        return {"outcome": "failed", "error": f"{type(err).__name__}: {_first_line(err)}"}
     finally:
-        _free(device)  # the failed setting's frames are gone by now: its tensors can be released
-    return row
+        _free(device)  # the failed part's frames are gone by now: its tensors can be released
 
 
 def _measure_train(
@@ -181,14 +190,9 @@ def gpu_eval_sample(
     recipe: Recipe, *, images: int, iw_samples: int, chunk: int, sample_n: int, device: str = "cuda"
 ) -> dict[str, Any]:
     """Batched IW evaluation throughput and sampling time per image of the recipe's (untrained) model, fp32."""
-    out: dict[str, Any] = {"images": images, "iw_samples": iw_samples, "chunk": chunk, "sample_n": sample_n}
-    try:
-        out.update(_measure_eval_sample(recipe, images, iw_samples, chunk, sample_n, device))
-    except torch.cuda.OutOfMemoryError as err:
-        out["error"] = f"out of memory: {_first_line(err)}"
-    finally:
-        _free(device)
-    return out
+    measure = partial(_measure_eval_sample, recipe, images, iw_samples, chunk, sample_n, device)
+    setting = {"images": images, "iw_samples": iw_samples, "chunk": chunk, "sample_n": sample_n}
+    return {**setting, **_reported(measure, device)}
 
 
 def _first_line(err: BaseException) -> str:

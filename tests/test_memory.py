@@ -595,7 +595,8 @@ def test_the_gpu_checks_cpu_rehearsal_runs_every_part_of_it() -> None:
 
 
 def test_a_failing_setting_of_the_gpu_check_is_reported_in_its_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One setting that raises (say bf16 on an older GPU) costs its row, not the other settings' figures."""
+    """One setting that raises (bf16 on an older GPU, an out-of-memory error) costs its row, not the other settings'
+    figures; a failing evaluation costs its caption figures, not the table."""
     from rich.console import Console
 
     from nvae_search import bench
@@ -604,16 +605,32 @@ def test_a_failing_setting_of_the_gpu_check_is_reported_in_its_row(monkeypatch: 
     def measure(recipe: Any, batch: int, precision: str, checkpointing: str, steps: int, device: str) -> Any:
         if precision == "bf16":
             raise RuntimeError("Current CUDA Device does not support bfloat16")
+        if precision == "fp32" and checkpointing == "off":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return {"step_s": 0.1, "step_times_s": [0.1]}
 
+    def evaluate(*args: Any) -> Any:
+        raise ValueError("no sampler for this output")
+
     monkeypatch.setattr(bench, "_measure_train", measure)
+    monkeypatch.setattr(bench, "_measure_eval_sample", evaluate)
     report = bench.bench_gpu(load_recipe(TINY), steps=1, iw_images=2, iw_samples=2, chunk=2, sample_n=2, device="cpu")
-    errors = {(row["precision"], row["checkpointing"]): row.get("error") for row in report["train"]}
-    assert errors[("bf16", "off")] == "RuntimeError: Current CUDA Device does not support bfloat16"
-    assert [k for k, e in errors.items() if e is None] == [(p, c) for p in ("fp16", "fp32") for c in ("off", "cell")]
+    rows = {(row["precision"], row["checkpointing"]): row for row in report["train"]}
+    assert rows[("bf16", "off")]["error"] == "RuntimeError: Current CUDA Device does not support bfloat16"
+    assert {k: row["outcome"] for k, row in rows.items()} == {
+        ("fp16", "off"): "ok",
+        ("fp16", "cell"): "ok",
+        ("bf16", "off"): "failed",
+        ("bf16", "cell"): "failed",
+        ("fp32", "off"): "out of memory",
+        ("fp32", "cell"): "ok",
+    }
+    assert rows[("fp32", "cell")]["step_s"] == 0.1 and "predicted_peak_bytes" in rows[("fp32", "off")]
+    assert report["eval_sample"]["outcome"] == "failed"
     console = Console(width=150, record=True, file=io.StringIO())
     console.print(gpu_table(report))
-    assert console.export_text().count("failed") == 2
+    text = console.export_text()
+    assert text.count("failed") == 2 and text.count("OOM") == 1 and "ValueError: no sampler" in text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

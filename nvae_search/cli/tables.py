@@ -171,10 +171,7 @@ def run_summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def _short_error(error: str) -> str:
-    if error.startswith("out of memory"):
-        return "OOM"
-    return "not supported" if "not supported" in error else "failed"
+_SHORT = {"out of memory": "OOM"}  # a setting's outcome as its row shows it
 
 
 def gpu_table(report: dict[str, Any]) -> Table:
@@ -191,7 +188,7 @@ def gpu_table(report: dict[str, Any]) -> Table:
         table.add_row(
             row["precision"],
             row["checkpointing"],
-            _fmt(row.get("step_s"), ".3f") if "error" not in row else _short_error(row["error"]),
+            _fmt(row.get("step_s"), ".3f") if row["outcome"] == "ok" else _SHORT.get(row["outcome"], row["outcome"]),
             _fmt(row.get("measured_peak_bytes", 0) / MIB or None, ",.0f"),
             _fmt(row.get("predicted_peak_bytes", 0) / MIB or None, ",.0f"),
             _fmt(row.get("predicted_over_measured"), ".2f"),
@@ -200,6 +197,6 @@ def gpu_table(report: dict[str, Any]) -> Table:
     table.caption = (
         f"IW-{ev['iw_samples']} evaluation: {_fmt(ev.get('iw_image_passes_per_s'), ',.0f')} image-passes/s; "
         f"sampling: {_fmt(ev.get('sample_s_per_image'), '.4f')} s/image (n={ev['sample_n']}); "
-        f"{report['seconds']:.0f} s in all" + (f"; eval/sample: {ev['error']}" if "error" in ev else "")
+        f"{report['seconds']:.0f} s in all" + (f"; eval/sample: {ev['error']}" if ev["outcome"] != "ok" else "")
     )
     return table
