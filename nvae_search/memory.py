@@ -34,7 +34,7 @@ from .memory_step import (
     zero_adamax_state,
 )
 from .memory_trace import AffineTrace, StepTrace
-from .memory_tracking import ShapeCache, StorageTracker
+from .memory_tracking import FakeShapeCache, MetaShapeCache, ShapeCache, StorageTracker
 from .schema import Recipe
 
 GIB = 1024**3
@@ -153,7 +153,7 @@ class MemoryPredictor:
 
         self.progress("building the network on fake tensors")
         self.fake_mode = FakeTensorMode()
-        self.shapes: ShapeCache | None = ShapeCache(self.fake_mode)
+        self.shapes: ShapeCache | None = FakeShapeCache(self.fake_mode)
         # Built under a tracker only for its shape cache (and its answers to data-dependent reads); its counts are
         # not kept. On CUDA torch picks the multi-tensor Adamax, whose temporaries span all parameters at once.
         with self.fake_mode, StorageTracker(shapes=self.shapes):
@@ -182,7 +182,7 @@ class MemoryPredictor:
                     for p in parts.model.parameters()
                 ],
                 lambda params: zero_adamax_state(torch.optim.Adamax(params, **parts.optimizer.defaults)),
-                ShapeCache(None),
+                MetaShapeCache(),
                 self.block_bytes,
             )
         except Exception:

@@ -164,7 +164,7 @@ def optimizer_phase_bytes(
     changes: the predictor simulates them once and adds them to every prediction's live bytes after the backward pass
     (a third of a simulated step's ops are the multi-tensor Adamax's, on every parameter). On plain meta tensors,
     where the fake mode's answer is the meta kernel's anyway, ``shapes`` is a memo of their own
-    (:class:`ShapeCache` without a fake mode: each multi-tensor op runs once per distinct parameter shape).
+    (:class:`~nvae_search.memory_tracking.MetaShapeCache`: each multi-tensor op runs once per distinct parameter shape).
     """
     optimizer = make_optimizer(params)
     tracker = StorageTracker(block_bytes, shapes)

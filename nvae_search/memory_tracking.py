@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .memory_trace import StepTrace, rounded
 
-__all__ = ["ShapeCache", "StorageTracker"]
+__all__ = ["FakeShapeCache", "MetaShapeCache", "ShapeCache", "StorageTracker"]
 
 _DEVICE = torch.ops.prim.device.default
 # Views the fake mode answers with its own code (a decomposition, or a rule for sizes unknown until run time) where
@@ -122,25 +122,20 @@ class StorageTracker(TorchDispatchMode):
 
 
 class ShapeCache:
-    """Output shapes of fake-tensor ops by (op, input shapes and arguments): a faster memo than the fake mode's own.
+    """Output shapes of ops by (op, input shapes and arguments), for tensors that hold no data: a memo that answers an
+    op seen before without running it.
 
     NVAE repeats the same cells at the same shapes, so nearly every op of a step was seen before with the same
-    inputs; answering from here skips the fake mode's general dispatch (its cache key alone costs more than the
-    rest). Only ops whose outputs are new tensors are memoised (no views, no in-place or ``out=`` ops) and only on
-    plain fake inputs: their outputs' metadata depend on nothing but the inputs' metadata and the arguments.
-    ``fake_mode=None``: the same memo for plain meta tensors (the optimizer phase, where torch's meta kernels for
-    elementwise ops are Python references that cost more than the memo).
+    inputs. Only ops whose outputs are new tensors are memoised (no views, no in-place or ``out=`` ops) and only on
+    plain inputs (:meth:`_plain`): their outputs' metadata depend on nothing but the inputs' metadata and the
+    arguments. :class:`FakeShapeCache` serves fake tensors (the simulated step), :class:`MetaShapeCache` plain meta
+    tensors (the optimizer phase); each adds its own shortcuts to :meth:`run`.
     """
 
-    def __init__(self, fake_mode: Any | None) -> None:
-        from torch._subclasses.fake_tensor import FakeTensor
-
-        self.fake_mode, self._fake_type = fake_mode, FakeTensor
+    def __init__(self) -> None:
         self._entries: dict[Any, Any] = {}
         self._kinds: dict[Any, str | None] = {}
         self.hits = self.misses = self.computed = self.viewed = 0
-        self._meta_ok: dict[Any, bool] = {}
-        self._views: dict[Any, bool] = {}
 
     def run(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """``func(*args, **kwargs)``, answered by the first shortcut that applies: a multi-tensor op on meta tensors
@@ -161,6 +156,28 @@ class ShapeCache:
             if key is not None:
                 self.record(key, args, out)
         return out
+
+    def foreach(self, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        """(True, the result) where a whole multi-tensor op is answered at once; (False, None) here."""
+        return False, None
+
+    def compute(self, key: Any, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """A new memoisable op run faster than by ``func`` itself, or None (here: always None)."""
+        return None
+
+    def view(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """A view op run faster than by ``func`` itself, or None (here: always None)."""
+        return None
+
+    def _plain(self, t: Any) -> bool:
+        """Whether ``t``'s metadata is all an op's output depends on."""
+        raise NotImplementedError
+
+    def _device(self, t: torch.Tensor) -> Any:
+        return t.device
+
+    def _make(self, shape: Any, stride: Any, dtype: Any, device: Any) -> torch.Tensor:
+        raise NotImplementedError
 
     def _kind(self, func: Any) -> str | None:
         """``fresh``: returns new tensors only; ``self``: updates its first argument's data in place and returns it
@@ -185,18 +202,11 @@ class ShapeCache:
         self._kinds[func] = kind
         return kind
 
-    def _plain(self, t: Any) -> bool:
-        """A fake tensor of this mode, not a constant (or, without a fake mode, a plain meta tensor): its metadata is
-        all an op's output depends on."""
-        if self.fake_mode is None:
-            return type(t) is torch.Tensor and t.is_meta
-        return type(t) is self._fake_type and t.constant is None and t.fake_mode is self.fake_mode
-
     def _arg(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor):
             if not self._plain(a):
                 raise _Uncacheable
-            return (a.shape, a.stride(), a.dtype, a.device, a.storage_offset(), a.is_sparse)
+            return (a.shape, a.stride(), a.dtype, self._device(a), a.storage_offset(), a.is_sparse)
         if isinstance(a, (list, tuple)):
             return (type(a), *(self._arg(b) for b in a))
         if a is None or isinstance(
@@ -226,12 +236,58 @@ class ShapeCache:
             outs = [None if m is None else self._make(*m) for m in metas]
         return outs[0] if kind == "one" else (tuple(outs) if kind == "tuple" else outs)
 
+    def _replayable(self, t: Any) -> bool:
+        # A replayed output gets a storage of exactly the span of its strides: true only of one that owns all of it.
+        return self._plain(t) and t.storage_offset() == 0 and t.untyped_storage().nbytes() == _span(t)
+
+    def record(self, key: Any, args: Any, out: Any) -> None:
+        if self._kind(key[0]) == "self":
+            if out is args[0] and self._arg(out) == key[1][1]:  # the same tensor, its metadata unchanged
+                self._entries[key] = ("self", None)
+            return
+        outs, kind = (
+            ((out,), "one") if isinstance(out, torch.Tensor) else (out, "tuple" if isinstance(out, tuple) else "list")
+        )
+        metas = []
+        for t in outs:
+            if t is None:
+                metas.append(None)
+            elif self._replayable(t):
+                metas.append((t.shape, t.stride(), t.dtype, self._device(t)))
+            else:
+                return
+        self._entries[key] = (kind, metas)
+
+
+class FakeShapeCache(ShapeCache):
+    """The memo for fake tensors of one fake mode, a faster one than the fake mode's own (its cache key alone costs
+    more than the rest); new ops and views run on bare meta kernels where the fake mode itself would."""
+
+    def __init__(self, fake_mode: Any) -> None:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        super().__init__()
+        self.fake_mode, self._fake_type = fake_mode, FakeTensor
+        self._meta_ok: dict[Any, bool] = {}
+        self._views: dict[Any, bool] = {}
+
+    def _plain(self, t: Any) -> bool:
+        """A fake tensor of this mode, not a constant."""
+        return type(t) is self._fake_type and t.constant is None and t.fake_mode is self.fake_mode
+
+    def _device(self, t: torch.Tensor) -> Any:
+        return t.fake_device  # what ``t.device`` answers, without its Python property
+
+    def _make(self, shape: Any, stride: Any, dtype: Any, device: Any) -> torch.Tensor:
+        meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        return self._fake_type(self.fake_mode, meta, device)
+
     def compute(self, key: Any, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """A new op of kind ``fresh`` run on plain meta tensors (torch's meta kernel, in C++) instead of through the
         fake mode's general dispatch, its outputs made fake on the inputs' device and memoised; None where that
         cannot stand in for the fake mode: the op is not fresh, its tensors lie on several devices, it names a
         device, or it has no meta kernel (the fake mode then runs it, with its own fallbacks)."""
-        if self.fake_mode is None or self._kind(func) != "fresh" or "device" in kwargs:
+        if self._kind(func) != "fresh" or "device" in kwargs:
             return None
         if not self._meta_stands_in(func):
             return None
@@ -262,7 +318,7 @@ class ShapeCache:
         """A view op (``view``, ``detach``, ``t``, ...) on one plain fake tensor, run by its meta kernel as the fake
         mode runs it (its tensors read as meta), without the fake mode's general dispatch; None for anything else.
         The output aliases the input's storage, as through the fake mode (a third of a step's dispatch time)."""
-        if self.fake_mode is None or not self._is_view(func):
+        if not self._is_view(func):
             return None
         if func not in _VIEWS_WITH_STATIC_SHAPES and not self._meta_stands_in(func):
             return None
@@ -276,12 +332,48 @@ class ShapeCache:
         self.viewed += 1
         return self._fake_type(self.fake_mode, out, first.fake_device)
 
+    def _is_view(self, func: Any) -> bool:
+        if func not in self._views:
+            schema = func._schema
+            ret = schema.returns[0].alias_info if len(schema.returns) == 1 else None
+            first = schema.arguments[0].alias_info if schema.arguments else None
+            self._views[func] = (
+                ret is not None
+                and str(schema.returns[0].type) == "Tensor"
+                and not ret.is_write
+                and first is not None
+                and not first.is_write
+                and ret.before_set == first.before_set
+                and torch.Tag.inplace_view not in func.tags
+                and not schema.is_mutable
+            )
+        return self._views[func]
+
+    def _meta_stands_in(self, func: Any) -> bool:
+        if func not in self._meta_ok:
+            try:
+                self._meta_ok[func] = _fake_mode_runs_meta_kernel(self.fake_mode, func)
+            except Exception:  # torch internals moved: every new op through the fake mode, as before
+                self._meta_ok[func] = False
+        return self._meta_ok[func]
+
+
+class MetaShapeCache(ShapeCache):
+    """The memo for plain meta tensors (the optimizer phase, where torch's meta kernels for elementwise ops are Python
+    references that cost more than the memo), with multi-tensor ops answered once per distinct element."""
+
+    def _plain(self, t: Any) -> bool:
+        return type(t) is torch.Tensor and t.is_meta
+
+    def _make(self, shape: Any, stride: Any, dtype: Any, device: Any) -> torch.Tensor:
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
     def foreach(self, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
         """A multi-tensor op (``_foreach_*``) on lists of plain meta tensors, run on one element per distinct
         (metadata, scalar) combination and its outputs copied to the rest: (True, its result), or (False, None) where
-        it does not apply (with a fake mode, or other arguments). An element's output depends on nothing but its own
+        it does not apply (other arguments). An element's output depends on nothing but its own
         inputs, and torch's meta kernels for these ops loop over every element in Python (the optimizer's update)."""
-        if self.fake_mode is not None or not func._schema.name.startswith("aten::_foreach_"):
+        if not func._schema.name.startswith("aten::_foreach_"):
             return False, None
         lists = [a for a in args if isinstance(a, (list, tuple))]
         try:
@@ -319,57 +411,6 @@ class ShapeCache:
     @staticmethod
     def _meta_of(t: torch.Tensor) -> tuple[Any, ...]:
         return t.shape, t.stride(), t.dtype, t.device
-
-    def _is_view(self, func: Any) -> bool:
-        if func not in self._views:
-            schema = func._schema
-            ret = schema.returns[0].alias_info if len(schema.returns) == 1 else None
-            first = schema.arguments[0].alias_info if schema.arguments else None
-            self._views[func] = (
-                ret is not None
-                and str(schema.returns[0].type) == "Tensor"
-                and not ret.is_write
-                and first is not None
-                and not first.is_write
-                and ret.before_set == first.before_set
-                and torch.Tag.inplace_view not in func.tags
-                and not schema.is_mutable
-            )
-        return self._views[func]
-
-    def _meta_stands_in(self, func: Any) -> bool:
-        if func not in self._meta_ok:
-            try:
-                self._meta_ok[func] = _fake_mode_runs_meta_kernel(self.fake_mode, func)
-            except Exception:  # torch internals moved: every new op through the fake mode, as before
-                self._meta_ok[func] = False
-        return self._meta_ok[func]
-
-    def _make(self, shape: Any, stride: Any, dtype: Any, device: Any) -> torch.Tensor:
-        meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-        return meta if self.fake_mode is None else self._fake_type(self.fake_mode, meta, device)
-
-    def _replayable(self, t: Any) -> bool:
-        # A replayed output gets a storage of exactly the span of its strides: true only of one that owns all of it.
-        return self._plain(t) and t.storage_offset() == 0 and t.untyped_storage().nbytes() == _span(t)
-
-    def record(self, key: Any, args: Any, out: Any) -> None:
-        if self._kind(key[0]) == "self":
-            if out is args[0] and self._arg(out) == key[1][1]:  # the same tensor, its metadata unchanged
-                self._entries[key] = ("self", None)
-            return
-        outs, kind = (
-            ((out,), "one") if isinstance(out, torch.Tensor) else (out, "tuple" if isinstance(out, tuple) else "list")
-        )
-        metas = []
-        for t in outs:
-            if t is None:
-                metas.append(None)
-            elif self._replayable(t):
-                metas.append((t.shape, t.stride(), t.dtype, t.device))
-            else:
-                return
-        self._entries[key] = (kind, metas)
 
 
 def _fake_mode_runs_meta_kernel(fake_mode: Any, func: Any) -> bool:

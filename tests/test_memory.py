@@ -144,9 +144,9 @@ def test_views_made_without_the_fake_mode_are_the_fake_modes_own(monkeypatch: py
     ``squeeze`` and ``slice`` included, which differ from it only for sizes unknown until run time) has the sizes,
     strides, offset and storage the fake mode gives it."""
     made: dict[str, int] = {}
-    shortcut = memory.ShapeCache.view
+    shortcut = memory.FakeShapeCache.view
 
-    def checked(self: memory.ShapeCache, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    def checked(self: memory.FakeShapeCache, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         out = shortcut(self, func, args, kwargs)
         if out is not None:
             own = func(*args, **kwargs)  # inside the tracker's dispatch: through the fake mode
@@ -161,7 +161,7 @@ def test_views_made_without_the_fake_mode_are_the_fake_modes_own(monkeypatch: py
             made[str(func)] = made.get(str(func), 0) + 1
         return out
 
-    monkeypatch.setattr(memory.ShapeCache, "view", checked)
+    monkeypatch.setattr(memory.FakeShapeCache, "view", checked)
     predictor = memory.MemoryPredictor(load_recipe(TINY), device="cuda", replay=False, cache=False)
     for setting in [(3, "fp32", "off"), (2, "fp16", "cell")]:
         predictor.predict(*setting)
@@ -207,17 +207,17 @@ def test_the_optimizer_phase_on_meta_tensors_is_memoised_without_changing_its_by
         return memory_step.optimizer_phase_bytes(params, lambda _: optimizer, cache, predictor.block_bytes)
 
     answered: dict[str, bool] = {}
-    memoised_foreach = memory.ShapeCache.foreach
+    memoised_foreach = memory.MetaShapeCache.foreach
 
-    def spy(self: memory.ShapeCache, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    def spy(self: memory.MetaShapeCache, func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
         handled, out = memoised_foreach(self, func, args, kwargs)
         if func._schema.name.startswith("aten::_foreach_") and args[0][0].is_meta:  # not the CPU step counters
             answered[str(func)] = handled
         return handled, out
 
     reference = extra_bytes(None)
-    monkeypatch.setattr(memory.ShapeCache, "foreach", spy)
-    assert extra_bytes(memory.ShapeCache(None)) == reference > 0
+    monkeypatch.setattr(memory.MetaShapeCache, "foreach", spy)
+    assert extra_bytes(memory.MetaShapeCache()) == reference > 0
     assert len(answered) >= 5 and all(answered.values()), answered
     assert ("aten._foreach_add.List" in answered) == (weight_decay > 0)
 
