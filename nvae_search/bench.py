@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -149,12 +149,10 @@ def gpu_train_setting(
     return {**row, **_reported(partial(_measure_train, recipe, batch, precision, checkpointing, steps, device), device)}
 
 
-Outcome = Literal["ok", "out of memory", "not supported", "failed"]
-
-
 def _reported(measure: Callable[[], dict[str, Any]], device: str) -> dict[str, Any]:
-    """``measure()``'s figures with ``"outcome": "ok"``, or its error as an outcome and a message: one failing part
-    must not cost the others' figures. Everything it allocated is freed before the next part."""
+    """``measure()``'s figures with ``"outcome": "ok"``, or its error as an outcome (``out of memory``, ``failed``)
+    and a message: one failing part must not cost the others' figures. Everything it allocated is freed before the
+    next part."""
     try:
         return {**measure(), "outcome": "ok"}
     except torch.cuda.OutOfMemoryError as err:
