@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .rundir import RESOLVED_RECIPE
 from .schema.ops import OPS
 
 # A YAML file may reuse anchors, but the tree it expands to must stay small: this bounds the
@@ -165,7 +166,8 @@ def read_yaml_file(path: str | os.PathLike[str]) -> Any:
     if not p.exists():
         raise ConfigError(str(p), [("", "file not found")])
     if p.is_dir():
-        raise ConfigError(str(p), [("", "is a directory, expected a YAML file")])
+        hint = f" (a run directory: its recipe is {p / RESOLVED_RECIPE})" if (p / RESOLVED_RECIPE).is_file() else ""
+        raise ConfigError(str(p), [("", f"is a directory, expected a YAML file{hint}")])
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

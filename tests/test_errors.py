@@ -211,3 +211,17 @@ def test_the_real_process_prints_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "resolution 30 must be divisible" in proc.stderr
+
+
+def test_a_run_directory_given_for_a_recipe_names_the_recipe_inside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("plain").mkdir()
+    Path("run").mkdir()
+    Path("run", "recipe.resolved.yaml").write_text(yaml.safe_dump(tiny_with("name", "ok")))
+    plain, run = invoke(["validate", "plain"]), invoke(["validate", "run"])
+    assert_clean_failure(plain)
+    assert_clean_failure(run)
+    assert "is a directory, expected a YAML file" in plain.output and "recipe.resolved.yaml" not in plain.output
+    assert "its recipe is run/recipe.resolved.yaml" in " ".join(run.output.replace("│", " ").split())
