@@ -74,3 +74,13 @@ def test_live_panel_shows_counts_best_running_steps_and_eta() -> None:
     assert "best: trial 1  3 " in text and "lr=0.002" in text
     assert re.search(r"\b3\s+40 of 60\b", text), text
     assert "ETA " in text and "ETA -" not in text
+
+
+def test_trial_lines_show_values_to_the_same_precision() -> None:
+    from nvae_search.search.view import trial_line
+
+    def line(value: float) -> str:
+        attrs = {"unit": "nats", "trial_s": 5.8, "status": "completed"}
+        return trial_line(optuna.trial.create_trial(value=value, user_attrs=attrs))
+
+    assert "252.0 nats" in line(252.0) and "241.6 nats" in line(241.56)  # not "252" beside "241.6"

@@ -41,7 +41,8 @@ def _duration(seconds: float) -> str:
 
 def trial_line(trial: optuna.trial.FrozenTrial, verbose: bool = False) -> str:
     attrs = trial.user_attrs
-    value = "" if trial.values is None else " ".join(f"{v:.4g}" for v in trial.values) + f" {attrs.get('unit') or ''}"
+    # '#' keeps trailing zeros: 252.0 beside 241.6, not 252
+    value = "" if trial.values is None else " ".join(f"{v:#.4g}" for v in trial.values) + f" {attrs.get('unit') or ''}"
     status = attrs.get("status", trial.state.name.lower())
     extra = f"at step {attrs['diverged_step']}" if attrs.get("diverged_step") else ""
     line = f"trial {trial.number:3d}  {status:<11} {value or extra}  ({float(attrs.get('trial_s') or 0):.1f} s)"
