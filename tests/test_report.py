@@ -207,6 +207,8 @@ def test_formatting_helpers_keep_numbers_short() -> None:
     assert fmt_num(12) == "12"
     assert fmt_num("inf") == "inf"
     assert fmt_num(None) == "–"
+    # a column of measurements: the same digits in every row, trailing zeros kept, never cut to an integer
+    assert [fmt_num(v, 4, measured=True) for v in (252.0, 241.56, 85.0, 1234.0)] == ["252.0", "241.6", "85.00", "1234"]
     assert fmt_count(27_998) == "28k"
     assert fmt_count(1_234_567) == "1.23M"
     names = short_names(["train.learning_rate", "model.loss.spectral_coeff", "a.x.seed", "b.x.seed"])
@@ -243,7 +245,7 @@ def test_leaderboard_order_statuses_and_files(mixed_study: Path) -> None:
     assert "Leaderboard: mixed (9 trials)" in out
     assert "nelbo [nats] ↓" in out
     assert "1e+05" in out  # the big gradient norm, in short exponent form
-    assert "150 @5" in out  # a pruned trial's last reported value and its step
+    assert "150.0 @5" in out  # a pruned trial's last reported value (four digits, like the others) and its step
     assert "Report written to" in out and str(result.report_dir) in out
 
     report_dir = mixed_study / "report"
@@ -307,7 +309,7 @@ def test_configuration_table_numbers(mixed_study: Path) -> None:
 
     out = printed(console)
     assert "Stability per configuration" in out
-    assert "92 ± 2.83" in out and "1/3 (33%, 6%-79%)" in out and "no completed run" in out
+    assert "92.00 ± 2.83" in out and "1/3 (33%, 6%-79%)" in out and "no completed run" in out
 
 
 def test_importances_and_plots_are_written(mixed_study: Path) -> None:

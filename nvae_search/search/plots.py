@@ -273,7 +273,7 @@ def plot_stability(path: Path, configs: Sequence[Mapping[str, Any]], space: Spac
                 zorder=2,
                 label="single runs",
             )
-            text = f"{fmt_num(c['mean'], 4)}" + (f" ± {fmt_num(c['std'])}" if c["std"] is not None else "")
+            text = fmt_num(c["mean"], 4, measured=True) + (f" ± {fmt_num(c['std'])}" if c["std"] is not None else "")
             text += f"  ({c['completed']} completed)"
             left.annotate(
                 text,

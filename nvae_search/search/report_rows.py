@@ -85,8 +85,10 @@ def finite(value: Any) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def fmt_num(value: Any, digits: int = 3) -> str:
-    """A short number: 3 significant digits, exponent form for big or tiny values (1.2e+03)."""
+def fmt_num(value: Any, digits: int = 3, *, measured: bool = False) -> str:
+    """A short number: 3 significant digits, exponent form for big or tiny values (1.2e+03). ``measured``: a
+    column of measurements, every one to ``digits`` digits with its trailing zeros (252.0 beside 241.6), never cut
+    to an integer."""
     x = _float(value)
     if x is None:
         return "–" if value is None else str(value)
@@ -94,6 +96,8 @@ def fmt_num(value: Any, digits: int = 3) -> str:
         return "nan"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
+    if measured:
+        return f"{x:#.{digits}g}".rstrip(".")  # '#' leaves "252." for 252 at 3 digits: no bare point
     if x == int(x) and abs(x) < 10**digits:
         return str(int(x))
     return f"{x:.{digits}g}"

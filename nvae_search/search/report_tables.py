@@ -52,7 +52,7 @@ def _table(title: str) -> Table:
 def _objective_cells(run: Run) -> list[Text]:
     cells = []
     for value in run.objectives:
-        text = Text(fmt_num(value, 4) if value is not None else "–")
+        text = Text(fmt_num(value, 4, measured=True) if value is not None else "–")
         if run.status == TrialStatus.PRUNED and value is not None:
             text.stylize("dim")
             if run.last_step is not None:
@@ -160,7 +160,7 @@ def configs_table(console: Console, configs: Sequence[Mapping[str, Any]], header
                 objective = Text("no completed run", style="dim")
             else:
                 std = f" ± {fmt_num(c['std'])}" if c["std"] is not None else " (1 run)"
-                objective = Text(fmt_num(c["mean"], 4) + std)
+                objective = Text(fmt_num(c["mean"], 4, measured=True) + std)
             rate = c["divergence_rate"]
             ci = (
                 f", {c['divergence_ci_low']:.0%}-{c['divergence_ci_high']:.0%}"
