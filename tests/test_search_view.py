@@ -71,7 +71,7 @@ def test_live_panel_shows_counts_best_running_steps_and_eta() -> None:
     console.print(view._render(study.get_trials()))
     text = console.export_text()
     assert "3 of 10 done (2 completed, 1 pruned, 0 failed), 1 running" in text
-    assert "best: trial 1  3 " in text and "lr=0.002" in text
+    assert "best: trial 1  3.000 " in text and "lr=0.002" in text
     assert re.search(r"\b3\s+40 of 60\b", text), text
     assert "ETA " in text and "ETA -" not in text
 
@@ -84,3 +84,22 @@ def test_trial_lines_show_values_to_the_same_precision() -> None:
         return trial_line(optuna.trial.create_trial(value=value, user_attrs=attrs))
 
     assert "252.0 nats" in line(252.0) and "241.6 nats" in line(241.56)  # not "252" beside "241.6"
+
+
+def test_a_search_view_in_a_log_file_ends_its_last_line_and_says_when_the_study_is_past_its_target() -> None:
+    """Not a terminal (a log file, CI): the live display is printed once at the end, and what the command prints
+    next must start on a line of its own. A study with more trials than the space's n_trials says so."""
+    import io
+
+    study = optuna.create_study(direction="minimize")
+    for value in (5.0, 3.0, 4.0):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1.0, log=True)
+        study.tell(trial, value)
+    out = io.StringIO()
+    view = SearchView(Console(file=out, width=200), steps=60)
+    view.start(study, target=2)
+    view.stop()
+    text = out.getvalue()
+    assert text.endswith("\n") and "best: trial 1  3.000" in text
+    assert "3 done, more than the 2 asked for" in text

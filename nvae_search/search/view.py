@@ -29,6 +29,10 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def _objective(value: float) -> str:
+    return f"{value:#.4g}".rstrip(".")  # trailing zeros kept: 252.0 beside 241.6, not 252
+
+
 def _params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k.removeprefix('model.').removeprefix('train.')}={_short(v)}" for k, v in params.items())
 
@@ -41,8 +45,7 @@ def _duration(seconds: float) -> str:
 
 def trial_line(trial: optuna.trial.FrozenTrial, verbose: bool = False) -> str:
     attrs = trial.user_attrs
-    # '#' keeps trailing zeros: 252.0 beside 241.6, not 252
-    value = "" if trial.values is None else " ".join(f"{v:#.4g}" for v in trial.values) + f" {attrs.get('unit') or ''}"
+    value = "" if trial.values is None else " ".join(map(_objective, trial.values)) + f" {attrs.get('unit') or ''}"
     status = attrs.get("status", trial.state.name.lower())
     extra = f"at step {attrs['diverged_step']}" if attrs.get("diverged_step") else ""
     line = f"trial {trial.number:3d}  {status:<11} {value or extra}  ({float(attrs.get('trial_s') or 0):.1f} s)"
@@ -84,6 +87,8 @@ class SearchView:
             self._update()
         if self._live is not None:
             self._live.stop()
+            if not self.console.is_terminal:
+                self.console.line()  # rich ends a live display with a newline on terminals only: not in a log file
 
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):
@@ -116,7 +121,9 @@ class SearchView:
         eta = _duration(elapsed / self._done_here * left) if self._done_here and left else "-"
         head = Text.assemble(
             ("search ", "bold"),
-            f"{len(counted)} of {self.target} done (",
+            f"{len(counted)} of {self.target} done ("
+            if len(counted) <= self.target
+            else f"{len(counted)} done, more than the {self.target} asked for (",
             (f"{states.count(TrialState.COMPLETE)} completed", "green"),
             ", ",
             (f"{states.count(TrialState.PRUNED)} pruned", "yellow"),
@@ -127,7 +134,7 @@ class SearchView:
         parts: list[Any] = [head]
         best = self._best(trials)
         if best is not None:
-            values = " ".join(_short(v) for v in best.values or [])
+            values = " ".join(map(_objective, best.values or []))
             parts.append(Text(f"best: trial {best.number}  {values}  {_params(best.params)}"))
         if running:
             table = Table(box=None, show_header=True, pad_edge=False)
