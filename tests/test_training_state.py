@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from nvae_search.schema import load_recipe
@@ -32,3 +33,22 @@ def test_a_resumed_minutes_budget_keeps_its_planned_step_count(tmp_path: Path) -
     assert (resumed.step, resumed.total_steps, resumed.elapsed) == (12, 37, 3.5)
     assert resumed.budget.schedule.total_steps == 37
     assert resumed.budget.schedule.factor(30) == first.budget.schedule.factor(30) < 1.0
+
+
+def test_a_checkpoint_from_a_node_with_more_gpus_resumes_with_the_devices_visible(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkpoint holds one CUDA generator state per device visible when it was written (8 on a full node); a run
+    resumed where fewer are visible restores the states of those it has, instead of failing on the first missing
+    device (what ``torch.cuda.set_rng_state_all`` does). CUDA stood in for: only the bookkeeping is checked here."""
+    from nvae_search.training import state as state_module
+
+    restored: list[tuple[int, int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, index: restored.append((int(s[0]), index)))
+    state_module.restore_cuda_rng_states([torch.tensor([k], dtype=torch.uint8) for k in range(8)])
+    assert restored == [(0, 0), (1, 1)]
+    restored.clear()
+    state_module.restore_cuda_rng_states([])  # written without CUDA
+    assert restored == []

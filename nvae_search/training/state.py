@@ -115,8 +115,7 @@ class CheckpointState:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        restore_cuda_rng_states(state["rng_cuda"])
         ranks = state.get("rng_ranks") or []
         if self.ranks.world > 1 and len(ranks) == self.ranks.world:
             # Each rank draws its own latent and binarisation noise: restore its own stream, not rank 0's.
@@ -146,3 +145,13 @@ class CheckpointState:
             reason = " ".join(str(exc).split())[:300]
             raise CheckpointError(f"{checkpoint}: does not fit this run ({type(exc).__name__}: {reason})") from None
         self.resumed_from = self.step
+
+
+def restore_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """Each visible CUDA device's generator state, from a checkpoint's list (one per device visible when it was
+    written). A run resumed with fewer devices visible (another node, ``CUDA_VISIBLE_DEVICES``) restores those it
+    has: ``torch.cuda.set_rng_state_all`` would fail on the first device missing."""
+    if not states or not torch.cuda.is_available():
+        return
+    for index, generator_state in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(generator_state, index)
