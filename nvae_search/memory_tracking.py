@@ -5,6 +5,7 @@ memo of output shapes that skips the fake mode's dispatch for ops seen before (:
 from __future__ import annotations
 
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -121,7 +122,7 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-class ShapeCache:
+class ShapeCache(ABC):
     """Output shapes of ops by (op, input shapes and arguments), for tensors that hold no data: a memo that answers an
     op seen before without running it.
 
@@ -169,15 +170,16 @@ class ShapeCache:
         """A view op run faster than by ``func`` itself, or None (here: always None)."""
         return None
 
+    @abstractmethod
     def _plain(self, t: Any) -> bool:
         """Whether ``t``'s metadata is all an op's output depends on."""
-        raise NotImplementedError
 
     def _device(self, t: torch.Tensor) -> Any:
         return t.device
 
+    @abstractmethod
     def _make(self, shape: Any, stride: Any, dtype: Any, device: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """A tensor of this metadata, of the kind this memo serves."""
 
     def _kind(self, func: Any) -> str | None:
         """``fresh``: returns new tensors only; ``self``: updates its first argument's data in place and returns it
