@@ -53,7 +53,9 @@ def describe(path: Path, limit: int = 100) -> str:
     sentence = _SENTENCE_END.split(" ".join(lines), maxsplit=1)[0]
     if len(sentence) > limit:
         sentence = _CLAUSE_END.split(sentence, maxsplit=1)[0]
-    return sentence.rstrip(":;. ")
+        if sentence.count("(") > sentence.count(")"):  # cut inside a parenthesis: leave the parenthesis out
+            sentence = sentence[: sentence.rindex("(")]
+    return sentence.rstrip(":;., ")
 
 
 def list_builtins(kind: Kind) -> list[Builtin]:

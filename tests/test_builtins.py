@@ -30,6 +30,9 @@ def test_every_shipped_file_is_listed_with_its_description() -> None:
     assert len(recipes) == len(list((ROOT / "recipes").rglob("*.yaml")))
     assert all(b.description for b in [*recipes.values(), *spaces.values()])
     assert recipes["cpu/tiny"].description.startswith("A tiny NVAE on the embedded MNIST")
+    for b in [*recipes.values(), *spaces.values()]:  # a long sentence is cut at a clause, never inside a parenthesis
+        assert b.description.count("(") == b.description.count(")"), b
+    assert spaces["mnist_30min_r2"].description == "Rung 2 of the 30-minute MNIST search"
 
 
 def test_names_resolve_but_existing_paths_win_and_traversal_does_not(
