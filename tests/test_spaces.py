@@ -286,6 +286,8 @@ LR = ("space", "train.learning_rate")
 LR_LOC = "space.train.learning_rate"
 BAD_SPACES: list[tuple[str, Any, str, str]] = [
     ("unknown-top-level-key", _edit(("searcher",), "tpe"), "searcher", "unknown key"),
+    ("mistyped-study-key", _edit(("study", "n_trails"), 3), "study.n_trails", "did you mean study.n_trials"),
+    ("mistyped-spec-type", _edit((*LR, "type"), "flot"), LR_LOC, "unknown type 'flot' (did you mean float?)"),
     ("unknown-key-in-leaf", _edit((*LR, "lo"), 1), "space.train.learning_rate.lo", "unknown key"),
     (
         "path-not-in-recipe",

@@ -79,8 +79,8 @@ def _recipe_targets(path: str) -> list[_Target]:
     return targets
 
 
-@functools.lru_cache(maxsize=1)
-def _all_recipe_paths() -> tuple[str, ...]:
+@functools.lru_cache(maxsize=4)
+def _field_paths(root: type[BaseModel]) -> tuple[str, ...]:
     paths: list[str] = []
 
     def visit(model: type[BaseModel], prefix: str) -> None:
@@ -90,13 +90,18 @@ def _all_recipe_paths() -> tuple[str, ...]:
                 if _is_model(member):
                     visit(member, f"{prefix}{name}.")
 
-    visit(Recipe, "")
-    return tuple(paths)
+    visit(root, "")
+    return tuple(dict.fromkeys(paths))
+
+
+def field_path_suggestions(root: type[BaseModel], path: str) -> list[str]:
+    """Field paths of ``root``'s schema close to a mistyped one (for "did you mean" in errors)."""
+    return difflib.get_close_matches(path, _field_paths(root), n=3, cutoff=0.6)
 
 
 def recipe_path_suggestions(path: str) -> list[str]:
     """Recipe field paths close to a mistyped one (for "did you mean" in space and recipe errors)."""
-    return difflib.get_close_matches(path, _all_recipe_paths(), n=3, cutoff=0.6)
+    return field_path_suggestions(Recipe, path)
 
 
 def _not_a_field(path: str) -> str:
