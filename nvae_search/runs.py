@@ -37,6 +37,8 @@ class LoadedRun:
 def load_run(run_dir: str | os.PathLike[str], device: str | torch.device | None = None, ema: bool = True) -> LoadedRun:
     """Rebuild the model of a run from its resolved recipe and checkpoint (EMA weights when the run kept them)."""
     root = Path(run_dir)
+    if not root.is_dir():
+        raise ConfigError(str(root), [("", "no such run directory" if not root.exists() else "not a directory")])
     if not (root / RESOLVED_RECIPE).is_file():
         raise ConfigError(str(root), [("", f"not a run directory: {RESOLVED_RECIPE} is missing")])
     if not (root / CHECKPOINT_NAME).is_file():

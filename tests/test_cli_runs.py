@@ -95,10 +95,13 @@ def test_eval_json_and_sample_png(run_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("make", [lambda p: p / "nowhere", lambda p: p])
-def test_eval_of_a_non_run_directory_is_a_clean_error(tmp_path: Path, make: object) -> None:
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [(lambda p: p / "nowhere", "no such run directory"), (lambda p: p, "not a run directory")],
+)
+def test_eval_of_a_non_run_directory_is_a_clean_error(tmp_path: Path, make: object, reason: str) -> None:
     result = runner.invoke(app, ["eval", str(make(tmp_path))])  # type: ignore[operator]
-    assert_clean(result, 2, "not a run directory")
+    assert_clean(result, 2, reason)
 
 
 def test_eval_of_a_truncated_checkpoint_is_a_clean_error(run_dir: Path, tmp_path: Path) -> None:

@@ -140,3 +140,13 @@ def test_quiet_prints_nothing_but_errors(tmp_path: Path) -> None:
     assert "parameters" in loud.output
     failing = runner.invoke(app, ["-q", "validate", str(tmp_path / "missing.yaml")])
     assert failing.exit_code == 2 and "file not found" in failing.output
+
+
+def test_did_you_mean_knows_initials_and_neighbours() -> None:
+    """A mistyped recipe key is matched first against the fields beside it, by name or by initials."""
+    from nvae_search.schema.space_checks import recipe_path_suggestions
+
+    assert recipe_path_suggestions("train.lr")[0] == "train.learning_rate"
+    assert recipe_path_suggestions("train.wd")[0] == "train.weight_decay"
+    assert recipe_path_suggestions("eval.batch_sise")[0] == "eval.batch_size"
+    assert "train" not in recipe_path_suggestions("train.lr")  # not the section it was typed in

@@ -95,8 +95,16 @@ def _field_paths(root: type[BaseModel]) -> tuple[str, ...]:
 
 
 def field_path_suggestions(root: type[BaseModel], path: str) -> list[str]:
-    """Field paths of ``root``'s schema close to a mistyped one (for "did you mean" in errors)."""
-    return difflib.get_close_matches(path, _field_paths(root), n=3, cutoff=0.6)
+    """Field paths of ``root``'s schema close to a mistyped one (for "did you mean" in errors): first the fields
+    beside it whose initials it is (``train.lr``: ``train.learning_rate``) or whose name is close, then any path."""
+    paths = _field_paths(root)
+    parent, _, key = path.rpartition(".")
+    siblings = {p.rpartition(".")[2]: p for p in paths if p.rpartition(".")[0] == parent}
+    initials = [p for name, p in siblings.items() if "_" in name and "".join(w[:1] for w in name.split("_")) == key]
+    near = [siblings[name] for name in difflib.get_close_matches(key, siblings, n=3, cutoff=0.6)]
+    anywhere = difflib.get_close_matches(path, paths, n=3, cutoff=0.6)
+    found = [p for p in dict.fromkeys([*initials, *near, *anywhere]) if not path.startswith(p + ".")]  # no parents
+    return found[:3]
 
 
 def recipe_path_suggestions(path: str) -> list[str]:
