@@ -99,7 +99,11 @@ def test_repeat_then_report_after_keep_checkpoints_none(tmp_path: Path, torch_si
 def handmade_study(tmp_path: Path) -> tuple[Path, Space]:
     """A study whose one completed trial never trained here (only its outcome was recorded): a repeat needs
     nothing from the trial but its configuration."""
-    space = write_space(tmp_path, "rep-resume", {}, {"top_k": 1, "seeds": [6]})
+    return make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6]})
+
+
+def make_handmade_study(tmp_path: Path, repeats: dict[str, Any]) -> tuple[Path, Space]:
+    space = write_space(tmp_path, "rep-resume", {}, repeats)
     study_dir = tmp_path / "runs" / "rep-resume"
     url = storage_url(space, study_dir, None)
     write_study_file(space, study_dir, url, "optuna")
@@ -158,6 +162,13 @@ def test_repeat_command_errors_are_one_screen_exit_2(handmade_study: tuple[Path,
     assert bad.exit_code == 2 and "expected one of optuna, ray" in " ".join(bad.output.split())
     nowhere = invoke("repeat", str(tmp_path / "nowhere"))
     assert nowhere.exit_code == 2 and "not a study directory" in nowhere.output
+    assert not (study_dir / "repeats").exists()
+
+
+def test_repeat_on_a_space_without_repeats_says_so(tmp_path: Path) -> None:
+    study_dir, _space = make_handmade_study(tmp_path, {})
+    result = invoke("repeat", str(study_dir))
+    assert result.exit_code == 0 and "the space asks for no repeats" in " ".join(result.output.split())
     assert not (study_dir / "repeats").exists()
 
 

@@ -145,6 +145,8 @@ def run_repeats(
     if backend == "ray":
         root = root.resolve()  # Ray workers run in other directories
     result = RepeatResult(study_dir=root)
+    if space.repeats.top_k <= 0:
+        result.notes.append("the space asks for no repeats (add `repeats: {top_k: K, seeds: [...]}` to it)")
     plan = plan_repeats(root, space, study_rows(study, space), result.notes)
     result.already_done = [job for job, _outcome in plan.done]
     from ..checkpoint import CHECKPOINT_NAME
