@@ -452,3 +452,23 @@ def test_search_address_option_is_passed_to_ray(tmp_path: Path, monkeypatch: pyt
     result = CliRunner().invoke(app, ["search", str(path), *root])
     assert isinstance(result.exception, Stop)
     assert seen == ["10.0.0.5:6379", "local"]  # without --address: the space's ray.address (default local)
+
+
+def test_a_quiet_ray_search_hides_rays_notices_but_not_its_security_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """-q promises one line per trial: Ray's advice about checkpoint syncing and its notice that token authentication
+    is on (the default) are kept out; its warning that authentication is off still shows."""
+    import logging
+
+    from nvae_search.search import ray_backend
+
+    for name in ("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "RAY_AIR_NEW_OUTPUT"):
+        monkeypatch.delenv(name, raising=False)  # restored afterwards: _quiet_ray sets both
+    ray_backend._quiet_ray(verbose=False)
+    assert os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] == "0"
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def shown(message: str) -> bool:
+        return logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None))
+
+    assert not shown("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+    assert shown("Token authentication is disabled for this Ray cluster. Anyone with network access ...")

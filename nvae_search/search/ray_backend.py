@@ -222,8 +222,23 @@ def _quiet_ray(verbose: bool) -> dict[str, Any]:
     if verbose:
         return {}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
+    # Advice to checkpoint less often, printed whenever trials report quickly (a 3-line warning every few seconds
+    # through the trial lines); 0 is Ray's documented switch to turn it off.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _TOKEN_AUTH_NOTICE not in token_setup.filters:
+        token_setup.addFilter(_TOKEN_AUTH_NOTICE)
     return {"log_to_driver": False, "logging_level": logging.WARNING}
+
+
+def _token_auth_notice(record: logging.LogRecord) -> bool:
+    # Ray says at every local start that token authentication is on (a notice, the default); the warning that it
+    # is off, a security matter, still shows.
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_AUTH_NOTICE = _token_auth_notice
 
 
 def _fit(tuner: Any, space: Space, study_dir: Path, tracker: StudyTracker | None) -> Any:
