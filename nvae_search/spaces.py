@@ -35,8 +35,9 @@ from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_
 
 from .config_io import ConfigError, get_dotted, pydantic_problems, read_yaml_file, set_dotted
 from .schema import Recipe, Strict, TrackingConfig, load_recipe, recipe_from_dict
-from .schema.space_checks import TreeChecker, field_path_suggestions, recipe_path_suggestions
+from .schema.space_checks import TreeChecker, did_you_mean, recipe_path_suggestions, with_suggestions
 from .schema.specs import (
+    SPEC_TYPES,
     BranchSpec,
     CategoricalSpec,
     FixedSpec,
@@ -313,14 +314,7 @@ def _structure_problems(exc: ValidationError, data: Any) -> list[Problem]:
     errors = [
         {**err, "loc": _clean_loc(tuple(err.get("loc", ())), data), "msg": _spec_message(err)} for err in exc.errors()
     ]
-    problems = []
-    for path, reason in dict.fromkeys(pydantic_problems(errors)):
-        matches = field_path_suggestions(Space, path) if reason.startswith("unknown key") else []
-        problems.append((path, reason + (f" (did you mean {', '.join(matches)}?)" if matches else "")))
-    return problems
-
-
-_SPEC_TYPES = ("float", "int", "categorical", "fixed", "per_scale")
+    return with_suggestions(Space, dict.fromkeys(pydantic_problems(errors)))
 
 
 def _spec_message(err: Any) -> str:
@@ -328,8 +322,8 @@ def _spec_message(err: Any) -> str:
     given = err.get("input", {}).get("type") if isinstance(err.get("input"), dict) else None
     if err.get("type") != "invalid_spec" or not isinstance(given, str):
         return str(err.get("msg", "invalid"))
-    close = difflib.get_close_matches(given, _SPEC_TYPES, n=1, cutoff=0.6)
-    return f"unknown type {given!r}" + (f" (did you mean {close[0]}?)" if close else "") + f"; {err.get('msg')}"
+    close = difflib.get_close_matches(given, SPEC_TYPES, n=1, cutoff=0.6)
+    return f"unknown type {given!r}{did_you_mean(close)}; {err.get('msg')}"
 
 
 def space_from_dict(data: Any, source: str | os.PathLike[str]) -> Space:

@@ -433,18 +433,9 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _with_suggestions(pydantic_problems(exc.errors()))) from None
+        from .space_checks import with_suggestions  # space_checks imports this module
 
-
-def _with_suggestions(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Unknown keys get the closest recipe fields, from the helper that space files use."""
-    from .space_checks import recipe_path_suggestions  # space_checks imports this module
-
-    out = []
-    for path, reason in problems:
-        matches = recipe_path_suggestions(path) if reason.startswith("unknown key") else []
-        out.append((path, reason + (f" (did you mean {', '.join(matches)}?)" if matches else "")))
-    return out
+        raise ConfigError(source, with_suggestions(Recipe, pydantic_problems(exc.errors()))) from None
 
 
 def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Recipe:

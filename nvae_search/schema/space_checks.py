@@ -9,7 +9,7 @@ import difflib
 import functools
 import math
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -112,9 +112,23 @@ def recipe_path_suggestions(path: str) -> list[str]:
     return field_path_suggestions(Recipe, path)
 
 
+def did_you_mean(matches: list[str]) -> str:
+    """`` (did you mean a, b?)`` to append to a reason, or nothing without matches."""
+    return f" (did you mean {', '.join(matches)}?)" if matches else ""
+
+
+def with_suggestions(root: type[BaseModel], problems: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Unknown keys' reasons with the closest field paths of ``root``'s schema."""
+    unknown = "unknown key"
+    return [
+        (path, reason + did_you_mean(field_path_suggestions(root, path)) if reason.startswith(unknown) else reason)
+        for path, reason in problems
+    ]
+
+
 def _not_a_field(path: str) -> str:
     matches = recipe_path_suggestions(path)
-    return "not a recipe field" + (f" (did you mean {', '.join(matches)}?)" if matches else "")
+    return "not a recipe field" + did_you_mean(matches)
 
 
 def _value_problem(targets: list[_Target], values: list[tuple[str, Any]]) -> str | None:

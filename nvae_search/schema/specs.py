@@ -216,6 +216,7 @@ def spec_tag(value: Any) -> str | None:
     return getattr(value, "tag", None)
 
 
+SPEC_TYPES = ("float", "int", "categorical", "fixed", "per_scale")  # what a spec's `type:` may say
 Spec = Annotated[
     Annotated[FloatSpec, Tag("float")]
     | Annotated[IntSpec, Tag("int")]
