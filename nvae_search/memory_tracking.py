@@ -136,7 +136,7 @@ class ShapeCache(ABC):
     def __init__(self) -> None:
         self._entries: dict[Any, Any] = {}
         self._kinds: dict[Any, str | None] = {}
-        self.hits = self.misses = self.computed = self.viewed = 0
+        self.hits = self.misses = 0
 
     def run(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """``func(*args, **kwargs)``, answered by the first shortcut that applies: a multi-tensor op on meta tensors
@@ -270,6 +270,7 @@ class FakeShapeCache(ShapeCache):
 
         super().__init__()
         self.fake_mode, self._fake_type = fake_mode, FakeTensor
+        self.computed = self.viewed = 0  # new ops run on meta kernels, views made without the fake mode
         self._meta_ok: dict[Any, bool] = {}
         self._views: dict[Any, bool] = {}
 

@@ -227,8 +227,8 @@ def _quiet_ray(verbose: bool) -> dict[str, Any]:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if _TOKEN_AUTH_NOTICE not in token_setup.filters:
-        token_setup.addFilter(_TOKEN_AUTH_NOTICE)
+    if _token_auth_notice not in token_setup.filters:
+        token_setup.addFilter(_token_auth_notice)
     return {"log_to_driver": False, "logging_level": logging.WARNING}
 
 
@@ -236,9 +236,6 @@ def _token_auth_notice(record: logging.LogRecord) -> bool:
     # Ray says at every local start that token authentication is on (a notice, the default); the warning that it
     # is off, a security matter, still shows.
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
-
-
-_TOKEN_AUTH_NOTICE = _token_auth_notice
 
 
 def _fit(tuner: Any, space: Space, study_dir: Path, tracker: StudyTracker | None) -> Any:

@@ -17,6 +17,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .report_rows import fmt_num
+
 if TYPE_CHECKING:
     import optuna
 
@@ -30,7 +32,7 @@ def _short(value: Any) -> str:
 
 
 def _objective(value: float) -> str:
-    return f"{value:#.4g}".rstrip(".")  # trailing zeros kept: 252.0 beside 241.6, not 252
+    return fmt_num(value, 4, measured=True)  # as the report shows it: 252.0 beside 241.6, not 252
 
 
 def _params(params: dict[str, Any]) -> str:
