@@ -17,15 +17,15 @@ from .model.builder import build_model
 from .objectives import SpectralRegularizer, balanced_kl, bn_regularization, kl_balance_alpha
 from .schema import Recipe
 from .telemetry import gradient_norm
+from .training.step import gradient_scaler as trainer_scaler
 
 Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FP16_INIT_SCALE = 2.0**10  # the official gradient scaler's initial scale
 
 
 def gradient_scaler(precision: str, device: str) -> torch.amp.GradScaler | None:
     """fp16's gradient scaler as the trainer makes it; None in the other precisions."""
-    return torch.amp.GradScaler(device, init_scale=FP16_INIT_SCALE) if precision == "fp16" else None
+    return trainer_scaler(precision, device) if precision == "fp16" else None
 
 
 @dataclass

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..memory_step import FP16_INIT_SCALE
 from ..model.nvae import NVAE
 from ..objectives import (
     SpectralRegularizer,
@@ -32,8 +31,14 @@ from .budget import Budget
 from .control import Ranks
 
 MIN_GRAD_SCALE = 2.0**-20
+FP16_INIT_SCALE = 2.0**10  # the official gradient scaler's initial scale
 # fp16 autocast and its gradient scaler run on CPUs too, slowly: users are sent to bf16 there, the tests lift this.
 FP16_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def gradient_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
+    """The trainer's gradient scaler: the official one in fp16, a pass-through (disabled) in other precisions."""
+    return torch.amp.GradScaler(device_type, init_scale=FP16_INIT_SCALE, enabled=precision == "fp16")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -73,7 +78,7 @@ class OptimizerStep:
         if precision == "fp16" and device.type not in FP16_DEVICES:
             raise ValueError("model.numerics.precision fp16 needs a CUDA device (it uses a gradient scaler); use bf16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=precision == "fp16")
+        self.scaler = gradient_scaler(precision, device.type)
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
             if cfg.ema_decay
