@@ -171,7 +171,7 @@ def _measure_train(
     torch.manual_seed(0)
     cuda = device == "cuda"
     parts = build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=cuda, device=device)  # type: ignore[arg-type]
-    init_optimizer_state(parts)
+    init_optimizer_state(parts.optimizer)
     scaler = gradient_scaler(precision, device)
     _timed(lambda: training_step(parts, scaler), device)  # warm-up: cuDNN autotuning, allocator growth
     if cuda:

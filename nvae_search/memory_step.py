@@ -71,12 +71,53 @@ def _build_step_parts(
     )
 
 
-def init_optimizer_state(parts: StepParts) -> None:
+def on_fake_tensors(parts: StepParts, fake_mode: Any, device: str) -> StepParts:
+    """Parts built on the meta device (:func:`build_step_parts` with ``device="meta"``: shapes only, torch's own meta
+    kernels, no dispatch in Python) with every parameter, buffer and the input turned into fake tensors of
+    ``fake_mode`` on ``device``, sharing their meta storages: what building under the fake mode would give, at a
+    fraction of the cost. The optimizer is made again over the fake parameters; its state stays on meta (it takes
+    part in no op of the simulated step, only in the count of live bytes)."""
+    target = torch.device(device)
+    made: dict[int, torch.Tensor] = {}
+    originals: list[torch.Tensor] = []  # alive until the end, so no id is reused by a new tensor
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            originals.append(t)
+            made[id(t)] = fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, t.detach(), target)
+        return made[id(t)]
+
+    def parameter(p: torch.Tensor) -> torch.Tensor:
+        if id(p) not in made:
+            originals.append(p)
+            made[id(p)] = nn.Parameter(fake(p.detach()), requires_grad=p.requires_grad)
+        return made[id(p)]
+
+    meta_params = list(parts.model.parameters())
+    for module in (*parts.model.modules(), *parts.spectral.modules()):
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = parameter(p)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = fake(b)
+    old = parts.optimizer
+    parts.optimizer = type(old)(parts.model.parameters(), **old.defaults)
+    for meta_p, fake_p in zip(meta_params, parts.model.parameters(), strict=True):
+        if meta_p in old.state:
+            parts.optimizer.state[fake_p] = old.state[meta_p]
+    parts.alpha = fake(parts.alpha) if parts.alpha is not None else None
+    parts.x = fake(parts.x)
+    return parts
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Adamax allocates its state at the first step: make it exist, as in every step after the first."""
-    for p in parts.model.parameters():
-        p.grad = torch.zeros_like(p)
-    parts.optimizer.step()
-    parts.optimizer.zero_grad(set_to_none=True)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def zero_adamax_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

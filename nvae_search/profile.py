@@ -232,7 +232,7 @@ def _step_state(job: dict[str, Any]) -> tuple[Any, Any, Any]:
         recipe, job["batch"], job["precision"], job["checkpointing"], foreach=device == "cuda", device=device
     )
     parts.x = random_input(recipe.model, job["batch"], torch.device(device))
-    init_optimizer_state(parts)
+    init_optimizer_state(parts.optimizer)
     scaler = gradient_scaler(job["precision"], device)
     ema = copy.deepcopy(parts.model) if recipe.train.ema_decay else None  # AveragedModel holds such a copy
     return parts, scaler, ema
