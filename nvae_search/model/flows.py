@@ -18,11 +18,11 @@ WN_EPS = 1e-5
 def _channel_mask(c_in: int, c_out: int, groups: int, zero_diag: bool) -> torch.Tensor:
     """Which input channels each output channel may see at the centre tap."""
     if groups == c_in == c_out:  # depthwise: a channel sees only itself
-        return torch.full((c_out, 1), 0.0 if zero_diag else 1.0)
+        return torch.full((c_out, 1), 0.0 if zero_diag else 1.0, device="cpu")
     if groups != 1:
         raise ValueError("masked convs support groups=1 or depthwise only")
-    out_idx = torch.arange(c_out).view(-1, 1)
-    in_idx = torch.arange(c_in).view(1, -1)
+    out_idx = torch.arange(c_out, device="cpu").view(-1, 1)
+    in_idx = torch.arange(c_in, device="cpu").view(1, -1)
     if c_out >= c_in:
         if c_out % c_in:
             raise ValueError(f"c_out ({c_out}) must be a multiple of c_in ({c_in})")
@@ -37,7 +37,9 @@ def _channel_mask(c_in: int, c_out: int, groups: int, zero_diag: bool) -> torch.
 
 
 def autoregressive_mask(c_in: int, c_out: int, kernel: int, groups: int, zero_diag: bool, mirror: bool) -> torch.Tensor:
-    mask = torch.zeros(c_out, c_in // groups, kernel, kernel)
+    """On the CPU whatever the default device (the caller moves it): on the meta device, where the memory
+    prediction builds the network, each of these small ops would cost a Python meta kernel."""
+    mask = torch.zeros(c_out, c_in // groups, kernel, kernel, device="cpu")
     centre = kernel // 2
     mask[:, :, :centre, :] = 1.0  # rows above
     mask[:, :, centre, :centre] = 1.0  # left half of the centre row
@@ -64,7 +66,9 @@ class ARConv2d(nn.Conv2d):
     ) -> None:
         super().__init__(c_in, c_out, kernel, 1, padding, 1, groups, bias)
         self.register_buffer(
-            "mask", autoregressive_mask(c_in, c_out, kernel, groups, zero_diag, mirror), persistent=False
+            "mask",
+            autoregressive_mask(c_in, c_out, kernel, groups, zero_diag, mirror).to(self.weight.device),
+            persistent=False,
         )
         init = (self.weight.detach() * self.mask).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         # The official gain: log(‖W⊙M‖ + 0.01) + log(coeff), i.e. the coefficient scales the +0.01 as well.
