@@ -157,7 +157,8 @@ class MemoryPredictor:
             # Fake CUDA tensors on a torch built without CUDA abort the process at their first autograd op.
             raise RuntimeError("this torch is built without CUDA: fake CUDA tensors are not possible")
         self.fake_mode = FakeTensorMode()
-        self.shapes: ShapeCache | None = FakeShapeCache(self.fake_mode)
+        shapes = FakeShapeCache(self.fake_mode)
+        self.shapes: ShapeCache | None = shapes
         # Built on the meta device (torch's meta kernels, no Python dispatch per op), then made fake: a third of the
         # time of building under the fake mode. On CUDA torch picks the multi-tensor Adamax, whose temporaries span
         # all parameters at once.
@@ -165,7 +166,7 @@ class MemoryPredictor:
         self._optimizer_extra = self._measure_optimizer_phase(parts)
         if self.store is not None:
             self.store.save_number(self._optimizer_entry(), self._optimizer_extra)
-        parts = on_fake_tensors(parts, self.fake_mode, self.simulated_on)
+        parts = on_fake_tensors(parts, shapes.new_fake, self.simulated_on)
         for p in parts.model.parameters():
             p.register_post_accumulate_grad_hook(self._count_grad)
         return parts

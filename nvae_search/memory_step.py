@@ -71,12 +71,15 @@ def _build_step_parts(
     )
 
 
-def on_fake_tensors(parts: StepParts, fake_mode: Any, device: str) -> StepParts:
+def on_fake_tensors(
+    parts: StepParts, make_fake: Callable[[torch.Tensor, torch.device], torch.Tensor], device: str
+) -> StepParts:
     """Parts built on the meta device (:func:`build_step_parts` with ``device="meta"``: shapes only, torch's own meta
-    kernels, no dispatch in Python) with every parameter, buffer and the input turned into fake tensors of
-    ``fake_mode`` on ``device``, sharing their meta storages: what building under the fake mode would give, at a
-    fraction of the cost. The optimizer is made again over the fake parameters; its state stays on meta (it takes
-    part in no op of the simulated step, only in the count of live bytes)."""
+    kernels, no dispatch in Python) with every parameter, buffer and the input turned into fake tensors on ``device``
+    by ``make_fake`` (``FakeTensor(fake_mode, meta, device)`` or its equivalent), sharing their meta storages: what
+    building under the fake mode would give, at a fraction of the cost. The optimizer is made again over the fake
+    parameters; its state stays on meta (it takes part in no op of the simulated step, only in the count of live
+    bytes)."""
     target = torch.device(device)
     made: dict[int, torch.Tensor] = {}
     originals: list[torch.Tensor] = []  # alive until the end, so no id is reused by a new tensor
@@ -84,7 +87,7 @@ def on_fake_tensors(parts: StepParts, fake_mode: Any, device: str) -> StepParts:
     def fake(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in made:
             originals.append(t)
-            made[id(t)] = fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, t.detach(), target)
+            made[id(t)] = make_fake(t.detach(), target)
         return made[id(t)]
 
     def parameter(p: torch.Tensor) -> torch.Tensor:
