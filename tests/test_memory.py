@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -457,6 +458,29 @@ def test_validate_json_adds_memory_and_text_says_what_fits(tiny_predictor: memor
     text = "\n".join(memory.memory_lines(report))
     assert "fits on 16 / 24 / 40 / 80 GB at batch 4" in text
     assert f"80 GB: {report['largest_batch']['80']}" in text
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_prediction_leaves_the_cycle_collector_as_it_found_it(enabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The predictor pauses Python's cycle collector while it builds and simulates (a full collection over its memo
+    costs a sixth of a step); the caller's process gets it back as it was, also when the recipe refuses the batch."""
+
+    def refuse(parts: Any) -> None:
+        raise ValueError("Expected more than 1 value per channel when training")
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        predictor = memory.MemoryPredictor(load_recipe(TINY), cache=False, replay=False)
+        assert gc.isenabled() is enabled
+        predictor.predict(2, "fp32", "off")
+        assert gc.isenabled() is enabled
+        monkeypatch.setattr(memory, "forward_backward", refuse)
+        with pytest.raises(ValueError, match="1 value per channel"):
+            predictor.predict(4, "fp32", "off")
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
 
 
 def test_the_memory_report_says_which_part_it_is_running() -> None:
