@@ -125,9 +125,21 @@ def _worker(
     try:
         reporter = _rank_reporter(rank, reports, replies, parent_pid, backend)
         train(recipe, out_dir, resume=resume, reporter=reporter, device=device)
+        _finish_together(device)
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def _finish_together(device: Any) -> None:
+    """Every rank done before any tears its process group down: rank 0 hosts the store the others' teardown still
+    talks to, and a rank left behind by one that exited can abort in gloo's teardown (SIGABRT, seen once in CI)."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
 
 
 def _rank_reporter(rank: int, reports: Any, replies: Any, parent_pid: int, backend: str) -> OnReport:
@@ -338,6 +350,7 @@ def train_under_torchrun(
     try:
         rank = dist.get_rank()
         summary = train(recipe, out_dir, resume=resume, device=target)
+        _finish_together(target)
         return rank, summary
     finally:
         with contextlib.suppress(Exception):
