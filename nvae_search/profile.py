@@ -31,15 +31,16 @@ if TYPE_CHECKING:
 MIB = 1024 * 1024
 
 
-def build_or_raise(recipe: Recipe, source: str) -> NVAE:
-    """Build the model's structure on the meta device (a summary needs shapes, not 330 M initialised weights: seconds
-    saved on the largest recipes); a builder refusal is a config problem of the file, not a crash."""
+def build_or_raise(recipe: Recipe, source: str, device: str = "cpu") -> NVAE:
+    """Build the model on ``device``; a builder refusal is a config problem of the file, not a crash. ``meta`` builds
+    shapes only: no 330 M weights initialised, but torch's first use of its meta kernels costs 1.5-2 s, which pays
+    only where a memory prediction (it needs them anyway) follows."""
     import torch
 
     from .model.builder import build_model
 
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             return build_model(recipe.model)
     except (ValueError, KeyError) as exc:
         raise ConfigError(source, [("model", f"the builder refused it: {exc}")]) from None
@@ -92,13 +93,14 @@ def batch_summary(recipe: Recipe, workers: int, source: str) -> dict[str, Any]:
     }
 
 
-def _summarize_file(path: Path, overrides: dict[str, Any], workers: int = 1) -> dict[str, Any]:
+def _summarize_file(path: Path, overrides: dict[str, Any], workers: int = 1, device: str = "cpu") -> dict[str, Any]:
     recipe = load_recipe(path, overrides=overrides)
-    return model_summary(recipe, build_or_raise(recipe, str(path)), str(path), workers)
+    return model_summary(recipe, build_or_raise(recipe, str(path), device), str(path), workers)
 
 
-def summarize_config(ref: Path, overrides: dict[str, Any], workers: int = 1) -> dict[str, Any]:
-    """A recipe's architecture summary, or for a space file its size and its base recipe's summary."""
+def summarize_config(ref: Path, overrides: dict[str, Any], workers: int = 1, device: str = "cpu") -> dict[str, Any]:
+    """A recipe's architecture summary, or for a space file its size and its base recipe's summary; the network is
+    built on ``device`` (see :func:`build_or_raise`)."""
     from .config_io import read_yaml_file
 
     path = resolve_config(ref, "recipes")
@@ -106,7 +108,7 @@ def summarize_config(ref: Path, overrides: dict[str, Any], workers: int = 1) -> 
         path = resolve_config(ref, "spaces")
     data = read_yaml_file(path)
     if not (isinstance(data, dict) and "base_recipe" in data):
-        return _summarize_file(path, overrides, workers)
+        return _summarize_file(path, overrides, workers, device)
     from .spaces import load_space, space_size
 
     space = load_space(path)

@@ -45,12 +45,25 @@ def test_validate_paper_mnist_json() -> None:
     assert summary["file"] == "recipes/paper/mnist.yaml"
 
 
-def test_validate_counts_the_network_without_making_its_weights() -> None:
-    """A summary needs shapes only: the 330 M weights of paper/ffhq256 are neither allocated nor initialised (seconds
-    and 1.3 GB saved), and the counts are those of the real network (the flows' masks included)."""
-    from nvae_search.profile import build_or_raise
+def test_validate_with_memory_counts_the_network_without_making_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before a memory prediction the summary needs shapes only: the 330 M weights of paper/ffhq256 are neither
+    allocated nor initialised (seconds and 1.3 GB saved), and the counts are the paper network's; without one, the
+    network is built on the CPU (the meta kernels' first use would cost more than a small recipe's weights)."""
+    from nvae_search import profile
 
-    model = build_or_raise(load_recipe(ROOT / "recipes/paper/ffhq256.yaml"), "ffhq256")
+    built_on: list[str] = []
+    real_build = profile.build_or_raise
+
+    def recording_build(recipe: Any, source: str, device: str = "cpu") -> Any:
+        built_on.append(device)
+        return real_build(recipe, source, device)
+
+    monkeypatch.setattr(profile, "build_or_raise", recording_build)
+    monkeypatch.setattr("nvae_search.cli.recipe_commands.predict_memory", lambda *args: {"peak_bytes": 1})
+    assert json.loads(invoke(["validate", "recipes/paper/ffhq256.yaml", "--json", "--memory"]).stdout)["memory"]
+    assert invoke(["validate", "recipes/cpu/tiny.yaml", "--json"]).exit_code == 0
+    assert built_on == ["meta", "cpu"]
+    model = real_build(load_recipe(ROOT / "recipes/paper/ffhq256.yaml"), "ffhq256", "meta")
     tensors = [*model.parameters(), *model.buffers()]
     assert tensors and all(t.is_meta for t in tensors)
     assert sum(p.numel() for p in model.parameters()) == 330_798_664  # the paper network, parameter for parameter
