@@ -448,7 +448,7 @@ def memory_lines(report: dict[str, Any]) -> list[str]:
     fitting = [size for size, ok in report["fits_gb"].items() if ok]
     lines = [
         f"memory of one training step on {report['device']} (batch {report['batch']}, {report['precision']}, "
-        f"checkpointing {report['checkpointing']}): peak {format_bytes(report['peak_bytes'])} ({parts})",
+        f"checkpointing {report['checkpointing']}): peak {format_bytes(report['peak_bytes'])}, at that moment {parts}",
         f"fits on {' / '.join(fitting) if fitting else 'none of ' + ' / '.join(report['fits_gb'])} GB "
         f"at batch {report['batch']}",
     ]
