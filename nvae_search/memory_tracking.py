@@ -430,11 +430,18 @@ def _fake_mode_runs_meta_kernel(fake_mode: Any, func: Any) -> bool:
             return False
         if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
             return False
-    if "prims::" in func._schema.name or torch._library.simple_registry.singleton.find(func.name()).fake_impl.kernel:
+    if "prims::" in func._schema.name or _registered_fake_kernel(func) is not None:
         return False
     if any(check(func) for check, _ in fake_impls.op_implementations_checks):
         return False
     return bool(fake_impls.has_meta(func))
+
+
+def _registered_fake_kernel(func: Any) -> Any:
+    """The fake kernel a library registered for ``func`` (``torch.library.register_fake``), or None."""
+    entry = torch._library.simple_registry.singleton.find(func.name())
+    holder = getattr(entry, "fake_impl", None) or entry.abstract_impl  # named abstract_impl up to torch 2.4
+    return holder.kernel
 
 
 def _fake_constructor(fake_mode: Any) -> Callable[[torch.Tensor, Any], torch.Tensor]:

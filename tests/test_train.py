@@ -360,14 +360,22 @@ def test_fp16_with_checkpointing_repeats_the_fp16_losses(
     tmp_path: Path, fp16_on_cpu: None, torch_single_thread: None
 ) -> None:
     """Checkpointed cells recompute their forward under the same autocast: step for step the same losses and
-    gradient norms (overflows included) as fp16 without checkpointing. One thread: with two, the CPU's half-precision
-    kernels may split a reduction differently in the recomputation (measured: losses 4e-6 apart by step 6)."""
+    gradient norms, and the same overflowed steps, as fp16 without checkpointing (a recompute outside autocast fails at
+    once: half activations meet float weights). Equal to the last bit on torch 2.13 and 2.14 at one thread; with two
+    threads, or on torch 2.4's CPU kernels, the recomputation may round differently (measured: up to 5.5e-5 apart in
+    relative terms by step 7, from one rounding at step 5 that fp16 amplifies)."""
     runs = {}
     for name, extra in (("plain", {}), ("cell", {"model.numerics.checkpointing": "cell"})):
         assert train(tiny(**FP16, **extra), tmp_path / name).status == "completed"
         runs[name] = read_metrics(tmp_path / name), grad_norms(tmp_path / name)
-    assert runs["cell"][0] == runs["plain"][0]
-    assert [str(n) for n in runs["cell"][1]] == [str(n) for n in runs["plain"][1]]  # inf and nan compare as text
+    (plain_losses, plain_norms), (cell_losses, cell_norms) = runs["plain"], runs["cell"]
+    assert [step for step, _ in cell_losses] == [step for step, _ in plain_losses]
+    assert [loss for _, loss in cell_losses] == pytest.approx([loss for _, loss in plain_losses], rel=1e-4)
+    finite = [math.isfinite(n) for n in plain_norms]
+    assert [math.isfinite(n) for n in cell_norms] == finite and sum(finite) >= 3  # overflows at the same steps
+    assert [n for n, f in zip(cell_norms, finite, strict=True) if f] == pytest.approx(
+        [n for n, f in zip(plain_norms, finite, strict=True) if f], rel=1e-4
+    )
 
 
 def test_fp16_with_a_skip_threshold_leaves_overflows_to_the_scaler(tmp_path: Path, fp16_on_cpu: None) -> None:
