@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .fake_tensors import fake_constructor, fake_mode_runs_meta_kernel
 from .memory_trace import StepTrace, rounded
 
 __all__ = ["FakeShapeCache", "MetaShapeCache", "ShapeCache", "StorageTracker"]
@@ -270,7 +271,7 @@ class FakeShapeCache(ShapeCache):
 
         super().__init__()
         self.fake_mode, self._fake_type = fake_mode, FakeTensor
-        self.new_fake = _fake_constructor(fake_mode)  # FakeTensor(fake_mode, meta, device), faster
+        self.new_fake = fake_constructor(fake_mode)  # FakeTensor(fake_mode, meta, device), faster
         self.computed = self.viewed = 0  # new ops run on meta kernels, views made without the fake mode
         self._meta_ok: dict[Any, bool] = {}
         self._views: dict[Any, bool] = {}
@@ -356,7 +357,7 @@ class FakeShapeCache(ShapeCache):
     def _meta_stands_in(self, func: Any) -> bool:
         if func not in self._meta_ok:
             try:
-                self._meta_ok[func] = _fake_mode_runs_meta_kernel(self.fake_mode, func)
+                self._meta_ok[func] = fake_mode_runs_meta_kernel(self.fake_mode, func)
             except Exception:  # torch internals moved: every new op through the fake mode, as before
                 self._meta_ok[func] = False
         return self._meta_ok[func]
@@ -415,67 +416,6 @@ class MetaShapeCache(ShapeCache):
     @staticmethod
     def _meta_of(t: torch.Tensor) -> tuple[Any, ...]:
         return t.shape, t.stride(), t.dtype, t.device
-
-
-def _fake_mode_runs_meta_kernel(fake_mode: Any, func: Any) -> bool:
-    """Whether the fake mode itself would answer ``func`` with its meta kernel (the order of its dispatch), rather
-    than a decomposition or one of its own device-aware implementations (convolutions' layouts, constructors, ...),
-    whose outputs may differ from the bare meta kernel's (e.g. batch norm's saved statistics in half precision)."""
-    from torch._decomp import decomposition_table, meta_table
-    from torch._subclasses import fake_impls
-    from torch._subclasses.fake_tensor import torch_decomp_decompositions
-
-    if func not in meta_table and not fake_mode.cpp_meta_supports_symint(func):
-        if func in decomposition_table and torch_decomp_decompositions(func):
-            return False
-        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
-            return False
-    if "prims::" in func._schema.name or _registered_fake_kernel(func) is not None:
-        return False
-    if any(check(func) for check, _ in fake_impls.op_implementations_checks):
-        return False
-    return bool(fake_impls.has_meta(func))
-
-
-def _registered_fake_kernel(func: Any) -> Any:
-    """The fake kernel a library registered for ``func`` (``torch.library.register_fake``), or None."""
-    entry = torch._library.simple_registry.singleton.find(func.name())
-    holder = getattr(entry, "fake_impl", None) or entry.abstract_impl  # named abstract_impl up to torch 2.4
-    return holder.kernel
-
-
-def _fake_constructor(fake_mode: Any) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    """``FakeTensor(fake_mode, meta, device)`` at a third of its cost (a step makes some 70,000): the subclass made as
-    the constructor makes it, then given the attributes the constructor gives every new fake tensor, copied from one
-    it made. Where this torch's constructor does something the copy does not (checked on a probe), the constructor."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    def constructor(meta: torch.Tensor, device: Any) -> torch.Tensor:
-        return FakeTensor(fake_mode, meta, device)
-
-    def copy(meta: torch.Tensor, device: Any) -> torch.Tensor:
-        t = torch.Tensor._make_subclass(
-            FakeTensor, meta, meta.requires_grad, dispatch_device=True, device_for_backend_keys=device
-        )
-        protect(t)
-        t.__dict__.update(template)
-        t.fake_device = device
-        return t
-
-    try:
-        cpu = torch.device("cpu")
-        probe = constructor(torch.empty(2, 3, device="meta"), cpu)
-        template = {k: v for k, v in vars(probe).items() if k not in ("fake_device", "_fake_device")}
-        protect = (
-            torch._C._set_warn_deprecated_on_mutable_data_ptr
-            if fake_mode._allow_unsafe_data_ptr_access
-            else torch._C._set_throw_on_mutable_data_ptr
-        )
-        made = copy(torch.empty(2, 3, device="meta"), cpu)
-        same = vars(made) == vars(probe) and torch._C._dispatch_keys(made) == torch._C._dispatch_keys(probe)
-    except Exception:  # torch internals moved
-        return constructor
-    return copy if same else constructor
 
 
 def _to_meta(a: Any, devices: set[Any]) -> Any:

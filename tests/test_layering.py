@@ -156,6 +156,7 @@ FLOORS: dict[str, int] = {
     "nvae_search.profile": 3,
     "nvae_search.memory": 3,
     "nvae_search.memory_tracking": 3,
+    "nvae_search.fake_tensors": 3,
     "nvae_search.memory_trace": 3,
     "nvae_search.memory_cache": 3,
     "nvae_search.memory_step": 3,
