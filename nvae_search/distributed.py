@@ -136,7 +136,7 @@ def _finish_together(device: Any) -> None:
     talks to, and a rank left behind by one that exited can abort in gloo's teardown (SIGABRT, seen once in CI)."""
     import torch.distributed as dist
 
-    if device.type == "cuda":
+    if dist.get_backend() == "nccl":  # nccl's barrier runs on the rank's own device; gloo's takes none
         dist.barrier(device_ids=[device.index])
     else:
         dist.barrier()
