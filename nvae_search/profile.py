@@ -33,8 +33,9 @@ MIB = 1024 * 1024
 
 def build_or_raise(recipe: Recipe, source: str, device: str = "cpu") -> NVAE:
     """Build the model on ``device``; a builder refusal is a config problem of the file, not a crash. ``meta`` builds
-    shapes only: no 330 M weights initialised, but torch's first use of its meta kernels costs 1.5-2 s, which pays
-    only where a memory prediction (it needs them anyway) follows."""
+    shapes only: no 330 M weights initialised (2.5-2.9 s of system time for paper/ffhq256), but torch's first use of
+    its meta kernels costs 1-1.7 s more than building cpu/tiny's weights, which pays only where a memory prediction
+    (it needs them anyway) follows."""
     import torch
 
     from .model.builder import build_model

@@ -59,12 +59,11 @@ def validate(
     except ConfigError as err:
         fail_config(err)
     summaries, failed = [], False
+    # With a memory prediction to follow, the summary's network is built on the meta device (see build_or_raise).
+    build_on = "meta" if memory_options is not None else "cpu"
     for path in recipes:
         try:
-            # With a memory prediction to follow, the summary's network is built on the meta device (see
-            # build_or_raise): the paper's largest recipes then take 4 s less.
-            on = "meta" if memory_options is not None else "cpu"
-            summaries.append(summarize_config(path, overrides, workers, on))
+            summaries.append(summarize_config(path, overrides, workers, build_on))
             if memory_options is not None and "space" not in summaries[-1]:
                 # Tens of seconds for the largest recipes: a spinner on stderr says which part is running.
                 with _console(stderr=True).status(f"{path}: predicting memory") as status:
