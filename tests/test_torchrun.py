@@ -50,7 +50,9 @@ def test_two_torchrun_ranks_stop_resume_and_match_one_process_at_twice_the_batch
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(dump_recipe(recipe()))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # ROOT first, the rest kept: dependencies may come from PYTHONPATH too (.ci/gpu-check's wheels)
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]))
+    env.update(OMP_NUM_THREADS="1")
 
     def torchrun(*extra: str, **more_env: str) -> subprocess.CompletedProcess[str]:
         command = [
