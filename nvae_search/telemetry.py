@@ -39,11 +39,13 @@ class StabilityTracker:
     recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=SPIKE_WINDOW))
 
     def observe_loss(self, loss: float) -> bool:
-        """Record a finite loss; returns True if it is a spike against the running median."""
+        """Record a finite loss; returns True if it is a spike against the running median: above it by more than
+        (factor − 1) × |median|, which for positive losses is above factor × median. Measured upwards from the
+        median, so a continuous decoder's negative NELBO spikes when it jumps up, not when it improves."""
         spike = False
         if len(self.recent_losses) >= SPIKE_MIN_HISTORY:
             median = statistics.median(self.recent_losses)
-            spike = abs(loss) > self.spike_factor * abs(median) and abs(loss - median) > 1e-8
+            spike = loss - median > max((self.spike_factor - 1) * abs(median), 1e-8)
         self.loss_spikes += int(spike)
         self.recent_losses.append(loss)
         return spike

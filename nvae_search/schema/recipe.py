@@ -265,7 +265,12 @@ class TrainConfig(Strict):
         "stop", description="What a non-finite loss or gradient does: skip the step, stop as diverged, or raise."
     )
     max_skipped_steps: int = Field(20, ge=1, description="With nonfinite=skip, diverged after this many in a row.")
-    spike_factor: float = Field(3.0, gt=1, description="A loss above factor × its running median counts as a spike.")
+    spike_factor: float = Field(
+        3.0,
+        gt=1,
+        description="A loss above its running median by more than (factor − 1) × |median| (for positive losses: above "
+        "factor × the median) counts as a spike.",
+    )
     explode_factor: float | None = Field(
         2.0,
         gt=1,
