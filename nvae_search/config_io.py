@@ -262,9 +262,9 @@ BUDGET_KEYS = ("train.epochs", "train.steps", "train.minutes")
 
 
 def clear_other_budgets(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``--set train.steps=10`` alone replaces the recipe's budget: the budget keys not set are cleared."""
-    given = [key for key in BUDGET_KEYS if key in overrides]
-    if len(given) != 1 or overrides[given[0]] is None:
+    """``--set train.steps=10`` (with or without ``train.minutes``) replaces the recipe's budget: the budget keys not
+    set are cleared. Sets that only clear budget keys (``train.minutes=null``) leave the others as they are."""
+    if all(overrides.get(key) is None for key in BUDGET_KEYS):
         return overrides
     return {**{key: None for key in BUDGET_KEYS}, **overrides}
 
