@@ -202,3 +202,16 @@ def test_keep_top_k_needs_best(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         space_with(tmp_path, {"keep_checkpoints": "none", "keep_top_k": 2})
     assert "keep_top_k has no effect with keep_checkpoints: none" in str(err.value.problems)
+
+
+def test_a_checkpoint_that_cannot_be_removed_is_logged_and_the_search_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    space = space_with(tmp_path, {"keep_checkpoints": "none"})
+    study_dir, study = study_of(tmp_path, space)
+    blocked = study_dir / "trials" / "0000" / "checkpoint.pt"
+    blocked.unlink()
+    blocked.mkdir()  # unlink() of a folder fails with an OSError, as a read-only or vanished disk would
+    with caplog.at_level("ERROR", logger="nvae_search.search.retention"):
+        checkpoint_callback(space, study_dir)(study, study.trials[0])  # must not raise into study.optimize
+    assert "could not apply budget.keep_checkpoints after trial 0" in caplog.text

@@ -115,3 +115,59 @@ def test_both_backends_aggregate_over_seeds_and_fail_the_configuration_on_an_exp
     assert not list(study_dir.glob("trials/*/seed_*/checkpoint.pt"))  # keep_checkpoints reaches the seed runs
     report = build_report(study_dir)
     assert "trajectories.png" in report.files
+
+
+def test_a_resumed_configuration_keeps_its_ended_seeds_and_resumes_the_interrupted_one(tmp_path: Path) -> None:
+    """A trial restarted (by Ray, or a worker resuming the study) trains only what is left of it."""
+    space = make_space(tmp_path, space_doc("resumed", {"seeds": 3, "how": "mean"}, [0.01]))
+    trial = tmp_path / "t"
+    (trial / "seed_1").mkdir(parents=True)
+    ended = {"status": "completed", "steps": 8, "train_nelbo": 101.0, "eval": {"nelbo": 101.0, "nll": 99.0}}
+    ended |= {"params": 1000, "step_time_s": 0.01, "peak_memory_mb": 1.0}  # what summary.json always holds
+    (trial / "seed_1" / "summary.json").write_text(json.dumps(ended))
+    (trial / "seed_2").mkdir()
+    (trial / "seed_2" / "checkpoint.pt").write_bytes(b"")  # cut off mid-run: its checkpoint is there, no summary
+    calls: list[tuple[int, bool]] = []
+
+    def train_one(values: Mapping[str, Any], run_dir: Path, report: Any, resume: bool) -> TrialOutcome:
+        calls.append((values["train.seed"], resume))
+        nelbo = 100.0 + values["train.seed"]
+        return TrialOutcome(status=TrialStatus.COMPLETED, steps=8, values=[nelbo], eval_nelbo=nelbo, eval_nll=nelbo - 2)
+
+    outcome = run_configuration(space, {"train.seed": 1}, trial, train_one, None)
+    assert calls == [(2, True), (3, False)]  # seed 1 not retrained; seed 2 resumed from its checkpoint
+    assert outcome.values == pytest.approx([102.0])  # mean of 101, 102, 103
+    assert outcome.eval_nll == pytest.approx(100.0) and outcome.steps == 24
+
+
+def test_a_seed_that_broke_before_a_restart_still_fails_the_configuration(tmp_path: Path) -> None:
+    space = make_space(tmp_path, space_doc("broke", {"seeds": 2, "how": "mean"}, [0.01]))
+    (tmp_path / "t" / "seed_4").mkdir(parents=True)
+    broke = {"status": "diverged", "cause": "non-finite loss at step 3", "diverged_step": 3, "steps": 3}
+    (tmp_path / "t" / "seed_4" / "summary.json").write_text(json.dumps(broke))
+
+    def train_one(values: Mapping[str, Any], run_dir: Path, report: Any, resume: bool) -> TrialOutcome:
+        raise AssertionError(f"seed {values['train.seed']} trained again")
+
+    outcome = run_configuration(space, {"train.seed": 4}, tmp_path / "t", train_one, None)
+    assert outcome.status == TrialStatus.DIVERGED and outcome.values is None
+    assert outcome.cause == "seed 4 of 2: non-finite loss at step 3"
+
+
+def test_a_configurations_figures_over_its_seeds(tmp_path: Path) -> None:
+    """Means for the evaluation figures, sums for counts, the maximum gradient norm, and the first seed's number."""
+    space = make_space(tmp_path, space_doc("figures", {"seeds": 2, "how": "mean"}, [0.01]))
+    per_seed = {
+        7: TrialOutcome(status=TrialStatus.COMPLETED, steps=8, values=[90.0], eval_nelbo=90.0, eval_nll=88.0,
+                        train_nelbo=91.0, grad_norm_max=5.0, loss_spikes=1, skipped_steps=0),
+        8: TrialOutcome(status=TrialStatus.COMPLETED, steps=8, values=[94.0], eval_nelbo=94.0, eval_nll=91.0,
+                        train_nelbo=95.0, grad_norm_max=3.0, loss_spikes=2, skipped_steps=1),
+    }  # fmt: skip
+
+    def train_one(values: Mapping[str, Any], run_dir: Path, report: Any, resume: bool) -> TrialOutcome:
+        return per_seed[values["train.seed"]]
+
+    outcome = run_configuration(space, {"train.seed": 7}, tmp_path / "t", train_one, None)
+    assert outcome.seed == 7 and outcome.values == pytest.approx([92.0])
+    assert (outcome.eval_nelbo, outcome.eval_nll, outcome.train_nelbo) == pytest.approx((92.0, 89.5, 93.0))
+    assert (outcome.steps, outcome.loss_spikes, outcome.skipped_steps, outcome.grad_norm_max) == (16, 3, 1, 5.0)
