@@ -8,10 +8,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import optuna
 
-from nvae_search.search.workers import GRACE_S, current_owner, is_stale
+from nvae_search.search.workers import GRACE_S, current_owner, is_stale, process_alive, process_start
 
 NOW = 1_000_000.0
 
@@ -64,3 +65,19 @@ def test_an_unclaimed_trial_is_stale_only_when_asked_for_it_or_after_the_grace_p
     assert not is_stale(running(started=NOW - 5), unowned_are_stale=False, now=NOW)
     assert is_stale(running(started=NOW - GRACE_S - 1), unowned_are_stale=False, now=NOW)
     assert is_stale(running(started=NOW - 5), unowned_are_stale=True, now=NOW)  # Ray: no live driver left
+
+
+def test_process_start_times_tell_an_older_process_from_a_younger_one() -> None:
+    # A pid reused by a younger process is told apart by its start time (clock ticks since boot): it must be the
+    # process's own start, later for a process started later, not a field that is the same for every process.
+    mine = process_start(os.getpid())
+    time.sleep(0.05)  # a few clock ticks (100 per second on Linux)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        theirs = process_start(child.pid)
+        assert mine is not None and theirs is not None and int(theirs) > int(mine)
+        assert process_alive(child.pid, theirs) and not process_alive(child.pid, mine)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(child.pid, theirs)
