@@ -697,3 +697,13 @@ def test_bench_gpu_takes_one_gpus_share_of_a_paper_recipes_global_batch(name: st
 
     assert gpu_batch(load_recipe(ROOT / "recipes" / "paper" / f"{name}.yaml")) == per_gpu
     assert gpu_batch(load_recipe(TINY)) == 8
+
+
+def test_the_space_memory_limit_is_checked_at_the_batch_of_one_process(tmp_path: Path) -> None:
+    from nvae_search.search.constraints import check_memory_constraint
+    from nvae_search.spaces import load_space
+
+    space = load_space(write_space(tmp_path, 100.0))
+    recipe = load_recipe(TINY, overrides={"train.batch_size": None, "train.global_batch_size": 16})
+    assert check_memory_constraint(space, recipe, workers=2).batch == 8  # 16 over 2 processes
+    assert check_memory_constraint(space, recipe, workers=1).batch == 16

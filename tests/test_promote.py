@@ -13,7 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from nvae_search.cli import app
-from nvae_search.search.runner import run_optuna_search
+from nvae_search.search.promote import promoted_points
+from nvae_search.search.runner import create_study, run_optuna_search, storage_url, write_study_file
+from nvae_search.search.trial import config_id
 from nvae_search.spaces import load_space
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "cpu" / "tiny.yaml"
@@ -99,3 +101,27 @@ def test_every_shipped_rung_searches_the_parameters_of_the_rung_it_promotes_from
     for rung in rungs:
         assert rung.study.promote is not None
         assert rung.space == by_name[rung.study.promote.study].space, rung.source
+
+
+def test_a_maximised_rung_promotes_its_highest_values(tmp_path: Path) -> None:
+    """Hand-made rung (no training): the source study's own direction decides which configurations are best."""
+    up = load_space(
+        write_rung(tmp_path, "up", steps=10, n_trials=3, objectives=[{"metric": "nelbo", "direction": "maximize"}])
+    )
+    root = tmp_path / "runs"
+    url = storage_url(up, root / "up", None)
+    write_study_file(up, root / "up", url, "optuna")
+    study = create_study(up, url)
+    lr = "train.learning_rate"
+    for rate, value in zip(LEARNING_RATES, [1.0, 3.0, 2.0], strict=True):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.COMPLETE,
+                value=value,
+                params={lr: rate},
+                distributions={lr: optuna.distributions.CategoricalDistribution(LEARNING_RATES)},
+                user_attrs={"status": "completed", "config_id": config_id({lr: rate})},
+            )
+        )
+    nxt = load_space(write_rung(tmp_path, "next", steps=15, n_trials=2, promote={"study": "up", "top_k": 2}))
+    assert promoted_points(nxt, root / "next") == [{lr: 0.003}, {lr: 0.01}]  # values 3.0 and 2.0

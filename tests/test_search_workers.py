@@ -12,7 +12,7 @@ import time
 
 import optuna
 
-from nvae_search.search.workers import GRACE_S, current_owner, is_stale, process_alive, process_start
+from nvae_search.search.workers import GRACE_S, Heartbeat, current_owner, is_stale, process_alive, process_start
 
 NOW = 1_000_000.0
 
@@ -81,3 +81,15 @@ def test_process_start_times_tell_an_older_process_from_a_younger_one() -> None:
         child.kill()
         child.wait()
     assert not process_alive(child.pid, theirs)
+
+
+def test_a_heartbeat_keeps_its_trial_fresh_while_it_runs() -> None:
+    study = optuna.create_study()
+    trial = study.ask()
+    beat = Heartbeat(trial, interval=0.02).claim()
+    claimed = study.trials[0].user_attrs["heartbeat"]
+    assert study.trials[0].user_attrs["owner"] == current_owner()
+    with beat:
+        time.sleep(0.2)
+    assert study.trials[0].user_attrs["heartbeat"] > claimed  # refreshed by the thread, not only at the claim
+    study.tell(trial, 1.0)
