@@ -448,3 +448,20 @@ def test_bit_reduction() -> None:
     assert torch.allclose(levels, torch.arange(32, dtype=torch.float32) / 31)
     assert torch.equal(torch.bincount(torch.round(y * 31).long()), torch.full((32,), 8))
     assert len(prepare_batch(x, binarize=False, num_bits=1).unique()) == 2
+
+
+def test_cifar_batch_repickled_with_text_keys(tmp_path: Path) -> None:
+    # A batch re-saved by Python 3 code (pickle.dump of a dict with str keys) loads like the original download.
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, per_batch=1)
+    with (folder / "test_batch").open("wb") as f:
+        pickle.dump({"data": solid_cifar(2, (0, 0, 255)).reshape(2, -1), "labels": [0, 1]}, f)
+    test = build_dataset(cfg(dataset="cifar10", root=str(tmp_path)), split="test", resolution=32, channels=3)
+    assert len(test) == 2 and torch.equal(test[1][2], torch.ones(32, 32)) and test[1][:2].abs().sum() == 0
+
+
+def test_idx_header_without_images_is_refused(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg(dataset="idx", root=str(tmp_path)), split="train", resolution=32, channels=1)
+    assert f"{path} declares 0 images of 28×28: no pixels" in str(err.value)
