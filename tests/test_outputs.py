@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,9 +20,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from nvae_search import outputs
 from nvae_search.cli import app
 from nvae_search.config_io import atomic_write_text
+from nvae_search.outputs import to_uint8
 from nvae_search.provenance import package_version
+from nvae_search.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "train.progress=false", "--set", "train.eval_images=8", "--set", "train.eval_iw_samples=2"]
@@ -118,6 +122,7 @@ def test_reconstruct_puts_inputs_above_their_reconstructions(run_dir: Path, tmp_
     inputs, recons = grid[2 : 2 + 32, 2 : 2 + 32], grid[2 + tile : 2 + tile + 32, 2 : 2 + 32]
     assert set(np.unique(inputs)) <= {0.0, 1.0}  # binarised MNIST input
     assert not np.array_equal(inputs, recons)  # the row below holds Bernoulli means, not the input again
+    assert len(np.unique(recons)) > 2  # means, not a binary sample of them
     # the second half-row is padding: white, not another image
     assert np.all(grid[2 + 2 * tile : 2 + 2 * tile + 32, 2 + 2 * tile :] == 1.0)
 
@@ -150,3 +155,37 @@ def test_did_you_mean_knows_initials_and_neighbours() -> None:
     assert recipe_path_suggestions("train.wd")[0] == "train.weight_decay"
     assert recipe_path_suggestions("eval.batch_sise")[0] == "eval.batch_size"
     assert "train" not in recipe_path_suggestions("train.lr")  # not the section it was typed in
+
+
+def test_uint8_images_take_the_nearest_level() -> None:
+    x = torch.tensor([0.0, 0.5, 0.999, 1.0, 1.5, -0.1, 100.4 / 255]).view(1, 1, 1, -1)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 128, 255, 255, 255, 0, 100]  # truncation: 127, 254, 99
+
+
+def test_samples_follow_the_recipes_eval_section_the_pixel_temperature_and_the_seed(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = load_run(run_dir)
+    update = {"num_samples": 3, "temperature": 0.6, "readjust_bn_steps": 2}
+    run.recipe = run.recipe.model_copy(update={"eval": run.recipe.eval.model_copy(update=update)})
+    readjusted: list[tuple[int, float]] = []
+    monkeypatch.setattr(outputs, "readjust_batch_norm", lambda model, steps, t: readjusted.append((steps, t)))
+    drawn: list[tuple[int, float, float]] = []
+    real_sample = run.model.sample
+
+    def sample(n: int, t: float, device: Any, *, pixel_temperature: float = 1.0) -> torch.Tensor:
+        drawn.append((n, t, pixel_temperature))
+        return real_sample(n, t, device, pixel_temperature=pixel_temperature)
+
+    monkeypatch.setattr(run.model, "sample", sample)
+
+    def npz(name: str, **kwargs: Any) -> np.ndarray:
+        args: dict[str, Any] = {"n": None, "temperatures": [None], "fmt": "npz", "seed": 5, **kwargs}
+        return np.load(outputs.write_samples(run, out=tmp_path / name, **args))["arr_0"]
+
+    first = npz("a.npz")
+    assert readjusted == [(2, 0.6)] and drawn == [(3, 0.6, 1.0)]  # the recipe's n, t and BN steps; pixels at 1
+    assert first.shape == (3, 32, 32, 3)
+    assert np.array_equal(npz("b.npz"), first) and not np.array_equal(npz("c.npz", seed=6), first)
+    npz("d.npz", n=2, temperatures=[0.9], readjust_bn=0, scale_pixels=True)
+    assert drawn[-1] == (2, 0.9, 0.9) and len(readjusted) == 3  # no re-estimation asked this time
