@@ -29,14 +29,14 @@ from .memory_step import (
     Precision,
     StepParts,
     build_step_parts,
+    device_state_tensors,
     forward_backward,
     init_optimizer_state,
     on_fake_tensors,
     optimizer_phase_bytes,
-    state_tensors,
     zero_adamax_state,
 )
-from .memory_trace import AffineTrace, StepTrace
+from .memory_trace import AffineTrace, StepTrace, rounded
 from .memory_tracking import FakeShapeCache, MetaShapeCache, ShapeCache, StorageTracker
 from .schema import Recipe
 
@@ -261,8 +261,12 @@ class MemoryPredictor:
             peak, kinds = fit.replay(batch, self.block_bytes, self.optimizer_extra_bytes)
         else:
             peak, kinds = self._stored_step(batch, (prec, ckpt)) or self._simulate(batch, prec, ckpt)
-        ema = kinds.get("params", 0) if self.recipe.train.ema_decay else 0  # AveragedModel: copy of params, buffers
-        params, grads, opt = kinds.get("params", 0) + ema, kinds.get("grads", 0), kinds.get("optimizer", 0)
+        # AveragedModel(use_buffers=True): a copy of the model's parameters and buffers, and its step count (a long);
+        # not of the spectral regulariser's power-iteration vectors, which it does not hold.
+        model_state = kinds.get("params", 0)
+        ema = model_state + int(rounded(8, self.block_bytes)) if self.recipe.train.ema_decay else 0
+        params = model_state + kinds.get("regulariser", 0) + ema
+        grads, opt = kinds.get("grads", 0), kinds.get("optimizer", 0)
         peak += ema
         return MemoryPrediction(
             self.device, batch, prec, ckpt, peak, params, grads, opt, peak - params - grads - opt, self.simulated_on
@@ -279,9 +283,11 @@ class MemoryPredictor:
             parts.model.set_checkpointing(ckpt == "cell")
             parts.autocast_dtype = AUTOCAST_DTYPES.get(prec)
             parts.x = torch.rand(batch, cfg.input_channels, cfg.resolution, cfg.resolution, device=self.simulated_on)
-            for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers()):
+            for t in (*parts.model.parameters(), *parts.model.buffers()):
                 tracker.track(t, "params")
-            for t in state_tensors(parts.optimizer):
+            for t in parts.spectral.buffers():
+                tracker.track(t, "regulariser")
+            for t in device_state_tensors(parts.optimizer, self.device):
                 tracker.track(t, "optimizer")
             tracker.track(parts.x, "activations")
             tracker.reset_peak()

@@ -44,14 +44,14 @@ def tiny_predictor() -> memory.MemoryPredictor:
     return memory.MemoryPredictor(load_recipe(TINY), device="cuda")
 
 
-def step_peak_bytes(parts: memory_step.StepParts, block_bytes: int = 1) -> int:
+def step_peak_bytes(parts: memory_step.StepParts, block_bytes: int = 1, device: str = "cpu") -> int:
     """Peak live tensor bytes of one whole training step (optimizer included), counted by the dispatch tracker from
-    a start where parameters, buffers, Adamax state and the batch are live."""
+    a start where parameters, buffers, Adamax state (in ``device``'s memory) and the batch are live."""
     memory_step.init_optimizer_state(parts.optimizer)
     tracker = memory.StorageTracker(block_bytes=block_bytes)
     for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
         tracker.track(t)
-    for t in memory_step.state_tensors(parts.optimizer):
+    for t in memory_step.device_state_tensors(parts.optimizer, device):
         tracker.track(t)
     tracker.reset_peak()
     with tracker:
@@ -231,7 +231,7 @@ def whole_step_peak_bytes(recipe_path: Path, batch: int, precision: str, checkpo
     # The outer tracker answers the fake tensors' data-dependent reads, as in the predictor.
     with FakeTensorMode(), memory.StorageTracker():
         parts = memory_step.build_step_parts(recipe, batch, precision, checkpointing == "cell", foreach=True)  # type: ignore[arg-type]
-        return step_peak_bytes(parts, block_bytes=512)
+        return step_peak_bytes(parts, block_bytes=512, device="cuda")
 
 
 @pytest.mark.parametrize(
