@@ -1,4 +1,5 @@
-"""Where a run came from: package versions, the git commit of a source checkout, host, command line, start time.
+"""Where a run came from: package versions, the git commit of a source checkout, host, torch threads, command line,
+start time.
 
 Recorded in each run's summary.json so that a result found months later can be traced to the code that made it.
 """
@@ -72,6 +73,7 @@ def collect(started: datetime | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "git": git_state(),
         "host": socket.gethostname(),
+        "threads": torch.get_num_threads(),  # step times depend on it
         "command": shlex.join(sys.argv),
         "started": (started or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
     }

@@ -66,6 +66,7 @@ def test_summary_records_provenance(run_dir: Path) -> None:
     assert prov["nvae_search"] == package_version() != "unknown"
     assert prov["torch"] == torch.__version__ and prov["python"] == platform.python_version()
     assert prov["cuda"] == torch.version.cuda and prov["host"] == socket.gethostname()
+    assert prov["threads"] == torch.get_num_threads()  # the fixture trained in this process
     assert prov["command"]  # the command line of the process that trained
     assert datetime.fromisoformat(prov["started"]) <= before
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)

@@ -20,9 +20,11 @@ from typing import Any
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from nvae_search.search.ray_backend import ATTEMPTS_LOG, RANKS_LOG, init_ray, reports_per_trial, run_ray_search
+from nvae_search.search.ray_trainable import prepare_worker
 from nvae_search.search.runner import finished_trials, load_study
 from nvae_search.search.storage import open_storage
 from nvae_search.spaces import load_space
@@ -352,7 +354,9 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
     runs = tmp_path / "runs"
     command = [sys.executable, "-c", DRIVER.format(root=str(ROOT), space=str(path), runs=str(runs))]
     trials_dir = runs / "killed" / "trials"
-    env = {**subprocess_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    # OMP_NUM_THREADS=2 in the driver's environment reaches every Ray worker: each trial must still take only the
+    # one CPU it reserved (two trials of two threads on two cores ran 7x slower).
+    env = {**subprocess_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0", "OMP_NUM_THREADS": "2"}
     first = subprocess.Popen(
         command,
         env={**env, "NVAE_TEST_KILL_DRIVER_AT_STEP": "6"},
@@ -382,6 +386,8 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
         for line in (d / ATTEMPTS_LOG).read_text().splitlines()[1:]
     ]
     assert any(step and step >= 2 for step in resumed), "no trial continued from its checkpoint"
+    threads = {json.loads((d / "summary.json").read_text())["provenance"]["threads"] for d in trials_dir.glob("ray_*")}
+    assert threads == {1}  # ray.resources_per_trial.cpu: 1
 
 
 # ------------------------------------------------------------------------------------------ resume / address
@@ -472,3 +478,27 @@ def test_a_quiet_ray_search_hides_rays_notices_but_not_its_security_warning(monk
 
     assert not shown("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
     assert shown("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+
+
+@pytest.mark.parametrize(("cpu", "workers", "threads"), [(1, 1, 1), (0.5, 1, 1), (2, 1, 2), (2, 2, 4)])
+def test_a_ray_trial_takes_the_threads_of_the_cpus_it_reserved(
+    tmp_path: Path, cpu: float, workers: int, threads: int
+) -> None:
+    space = load_space(
+        write_space(
+            tmp_path,
+            "threads",
+            {"train.learning_rate": {"type": "fixed", "value": 0.01}},
+            1,
+            steps=2,
+            every=2,
+            ray={"resources_per_trial": {"cpu": cpu}, "workers_per_trial": workers},
+        )
+    )
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        prepare_worker(space)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)

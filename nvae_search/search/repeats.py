@@ -199,9 +199,9 @@ def _ray_repeat(config: dict[str, Any], *, space: Space, jobs: list[RepeatJob], 
     """One Ray Tune trial: train (or resume, after a lost worker) one repeat run, then report its status."""
     from ray import tune
 
-    from ..runtime import tune_allocator
+    from .ray_trainable import prepare_worker
 
-    tune_allocator()  # a Ray worker is a fresh process that did not come through the CLI
+    prepare_worker(space)
     index = int(config["job"])
     error: str | None = None
     with _working_dir(driver_cwd):
