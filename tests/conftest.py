@@ -48,16 +48,40 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the whole session (``ray.init`` costs ≈5–10 s here, plus ≈2 s of imports); a
+    search started while it runs reuses it instead of starting and stopping its own."""
+    pytest.importorskip("ray.tune")
+    import ray
+
+    from nvae_search.search.ray_backend import _export_package_path
+
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a local test instance: no token, no warning
+    _export_package_path()  # the workers import nvae_search from this checkout
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = previous
+
+
 def trials_by_learning_rate(
     space: Any, backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> tuple[Path, dict]:
-    """Run ``space`` on ``backend`` (Ray through the ``ray_local`` fixture) and return its study directory and its
+    """Run ``space`` on ``backend`` (Ray through the ``ray_session`` fixture) and return its study directory and its
     trials by their ``train.learning_rate`` (the outcome, instability and seed-objective tests of both backends)."""
     from nvae_search.search.runner import run_optuna_search
     from nvae_search.search.trial import load_study
 
     if backend == "ray":
-        request.getfixturevalue("ray_local")
+        request.getfixturevalue("ray_session")
         from nvae_search.search.ray_backend import run_ray_search
 
         study_dir = run_ray_search(space, root=tmp_path / "runs")

@@ -12,7 +12,6 @@ import optuna
 import pytest
 import yaml
 from conftest import trials_by_learning_rate
-from test_outcomes import ray_local  # noqa: F401  # a module-scoped local Ray (test_ray.py keeps its own)
 from typer.testing import CliRunner
 
 from nvae_search.cli import app

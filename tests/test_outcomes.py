@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,29 +179,6 @@ def test_outcome_keys_attrs_and_reading_back_come_from_one_definition() -> None:
 
 
 # -------------------------------------------------------------------------------------- both backends
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A local Ray for this module only (test_ray.py starts its own for the session's other Ray tests)."""
-    pytest.importorskip("ray.tune")
-    import ray
-
-    from nvae_search.search.ray_backend import _export_package_path
-
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    _export_package_path()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = previous
-
-
 def outcome_space(tmp_path: Path, backend: str) -> Path:
     lrs = [3.0, 0.01]
     doc: dict[str, Any] = {

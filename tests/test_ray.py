@@ -1,8 +1,8 @@
 """The Ray Tune backend: outcomes in the shared Optuna storage, a lost worker node, a killed driver.
 
-Ray's fixed costs (≈7 s to import and start, seconds per trial) are kept out of the other tests: this module
-shares one local Ray instance (``ray_session``), and the two tests that need their own Ray (a two-node cluster,
-a driver killed with SIGKILL) run it in subprocesses.
+Ray's fixed costs (≈7 s to import and start, seconds per trial) are paid once: the suite shares one local Ray
+instance (``ray_session`` in conftest.py), and the two tests that need their own Ray (a two-node cluster, a driver
+killed with SIGKILL) run it in subprocesses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +33,6 @@ pytest.importorskip("ray.tune", reason="the Ray backend needs the optional extra
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
 State = optuna.trial.TrialState
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray instance for the session (``ray.init`` costs ≈5 s here, plus ≈2 s of imports)."""
-    import ray
-
-    from nvae_search.search.ray_backend import _export_package_path
-
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # a local test instance: no token, no warning
-    _export_package_path()  # the workers import nvae_search from this checkout
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = previous
 
 
 def write_space(

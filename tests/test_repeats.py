@@ -199,7 +199,7 @@ def test_two_repeat_processes_share_the_repeats_and_train_each_once(
 
 @pytest.mark.slow
 def test_repeat_on_ray_runs_each_repeat_as_a_tune_trial(
-    handmade_study: tuple[Path, Space], monkeypatch: pytest.MonkeyPatch
+    ray_session: None, handmade_study: tuple[Path, Space], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("ray.tune", reason="the Ray backend needs the optional extra: pip install 'nvae-search[ray]'")
     study_dir, space = handmade_study

@@ -12,7 +12,6 @@ import optuna
 import pytest
 import yaml
 from conftest import trials_by_learning_rate
-from test_outcomes import ray_local  # noqa: F401  # a module-scoped local Ray (test_ray.py keeps its own)
 
 from nvae_search.config_io import ConfigError
 from nvae_search.search.report import build_report
