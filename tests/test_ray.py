@@ -11,6 +11,8 @@ import contextlib
 import json
 import math
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,15 @@ import pytest
 import torch
 import yaml
 
-from nvae_search.search.ray_backend import ATTEMPTS_LOG, RANKS_LOG, init_ray, reports_per_trial, run_ray_search
+from nvae_search.search.ray_backend import (
+    ATTEMPTS_LOG,
+    RANKS_LOG,
+    RESTORED_FILES,
+    init_ray,
+    reports_per_trial,
+    run_ray_search,
+    unrestorable_reason,
+)
 from nvae_search.search.ray_trainable import prepare_worker
 from nvae_search.search.runner import finished_trials, load_study
 from nvae_search.search.storage import open_storage
@@ -350,6 +360,15 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.pid, signal.SIGKILL)  # the local Ray instance the driver started
     killed_dirs = {d.name for d in trials_dir.glob("ray_*")}
+    running_at_kill = sorted(
+        t.params["train.learning_rate"] for t in load_study(runs / "killed")[0].trials if t.state == State.RUNNING
+    )
+    assert running_at_kill, "the kill left no trial running"
+    experiment_dir = runs / "killed" / "ray" / "killed"
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(runs, snapshot, symlinks=True)
+    # Tune copies its experiment state to the study folder in a background thread: now and then the kill tears it.
+    torn_by_the_kill = unrestorable_reason(experiment_dir)
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -358,16 +377,74 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
     counted = [t for t in study.trials if not t.user_attrs.get("interrupted")]
     assert all(t.state == State.COMPLETE and t.user_attrs["status"] == "completed" for t in counted)
     run_dirs = sorted(t.user_attrs["run_dir"] for t in counted)
-    assert len(set(run_dirs)) == 3 and sorted(str(d) for d in trials_dir.glob("ray_*")) == run_dirs
-    assert killed_dirs <= {Path(d).name for d in run_dirs}, "the restored experiment kept its trials"
-    resumed = [
-        json.loads(line)["resumed_after_step"]
-        for d in trials_dir.glob("ray_*")
-        for line in (d / ATTEMPTS_LOG).read_text().splitlines()[1:]
-    ]
-    assert any(step and step >= 2 for step in resumed), "no trial continued from its checkpoint"
+    if torn_by_the_kill is None:
+        assert len(set(run_dirs)) == 3 and sorted(str(d) for d in trials_dir.glob("ray_*")) == run_dirs
+        assert killed_dirs <= {Path(d).name for d in run_dirs}, "the restored experiment kept its trials"
+        resumed = [
+            json.loads(line)["resumed_after_step"]
+            for d in trials_dir.glob("ray_*")
+            for line in (d / ATTEMPTS_LOG).read_text().splitlines()[1:]
+        ]
+        assert any(step and step >= 2 for step in resumed), "no trial continued from its checkpoint"
+    else:
+        assert_abandoned_and_retried(runs / "killed", killed_dirs, running_at_kill)
     threads = {json.loads((d / "summary.json").read_text())["provenance"]["threads"] for d in trials_dir.glob("ray_*")}
     assert threads == {1}  # ray.resources_per_trial.cpu: 1
+
+    # The same kill, with the experiment state torn as a kill during Tune's copy leaves it: Tune would restart the
+    # experiment from its saved searcher (too few trials, or a wait for ever); the rerun starts a new one instead.
+    shutil.rmtree(runs)
+    shutil.copytree(snapshot, runs, symlinks=True)
+    for state_file in experiment_dir.glob("experiment_state-*.json"):
+        state_file.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
+    third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "cannot restore the Ray experiment killed:" in third.stderr and "Failed to restore" not in third.stderr
+    assert_abandoned_and_retried(runs / "killed", killed_dirs, running_at_kill)
+
+
+def assert_abandoned_and_retried(study_dir: Path, killed_dirs: set[str], running_at_kill: list[float]) -> None:
+    """The torn experiment is marked done with its reason; the trials it was running are failed as interrupted
+    and their points run again, once, in a new experiment; the study has its three finished trials."""
+    study = load_study(study_dir)[0]
+    assert finished_trials(study) == 3 and not study.get_trials(states=(State.RUNNING,))
+    info = json.loads((study_dir / "ray" / "killed.nvae.json").read_text())
+    assert info["done"] and "experiment_state-" in info["abandoned"]
+    assert json.loads((study_dir / "ray" / "killed-2.nvae.json").read_text())["done"]
+    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert sorted(t.params["train.learning_rate"] for t in interrupted) == running_at_kill
+    retries = [t for t in study.trials if "retry_of" in t.user_attrs]
+    assert sorted(t.user_attrs["retry_of"] for t in retries) == sorted(t.number for t in interrupted)
+    assert sorted(t.params["train.learning_rate"] for t in retries) == running_at_kill
+    counted = [t for t in study.trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted)
+    run_dirs = {Path(t.user_attrs["run_dir"]).name for t in counted}
+    assert len(run_dirs) == 3 and not run_dirs & killed_dirs
+
+
+@pytest.mark.parametrize(("pattern", "kind"), RESTORED_FILES)
+@pytest.mark.parametrize("damage", ["missing", "empty", "truncated"])
+def test_an_experiment_folder_missing_or_truncating_a_file_tune_restores_from_is_unrestorable(
+    tmp_path: Path, pattern: str, kind: str, damage: str
+) -> None:
+    def body(kind: str) -> bytes:
+        state = {"trials": list(range(50)), "name": "killed"}
+        return json.dumps(state).encode() if kind == "json" else pickle.dumps(state)
+
+    for other, other_kind in RESTORED_FILES:
+        if "*" in other:  # a torn file of an older session is not read
+            (tmp_path / other.replace("*", "2026-12-01_10-00-00")).write_bytes(b"")
+        (tmp_path / other.replace("*", "2026-12-03_10-00-00")).write_bytes(body(other_kind))
+    assert unrestorable_reason(tmp_path) is None
+    newest = tmp_path / pattern.replace("*", "2026-12-03_10-00-00")
+    if damage == "missing":
+        for path in tmp_path.glob(pattern):
+            path.unlink()
+    else:
+        newest.write_bytes(b"" if damage == "empty" else body(kind)[:-5])
+    reason = unrestorable_reason(tmp_path)
+    assert reason is not None
+    assert (pattern in reason) if damage == "missing" else (str(newest) in reason and "truncated" in reason)
 
 
 # ------------------------------------------------------------------------------------------ resume / address

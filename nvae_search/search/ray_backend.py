@@ -6,7 +6,8 @@ optuna-dashboard see Ray trials like any other) over trials trained by :mod:`.ra
 
 - **Re-running the command resumes the search.** The Tune experiment lives in ``<study dir>/ray/<name>``; if it
   did not finish, ``Tuner.restore(..., resume_unfinished=True, resume_errored=True)`` continues it; if it did,
-  a new experiment runs the trials still missing from ``n_trials``.
+  or if a file Tune restores from is missing or torn (:func:`unrestorable_reason`), a new experiment runs the
+  trials still missing from ``n_trials``.
 - **Connecting to Ray** (:func:`init_ray`): a local instance, the cluster of this machine, or a remote head.
 - **Resources**: ``ray.resources_per_trial`` per trial, or one placement-group bundle for a data-parallel trial.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickletools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +60,16 @@ __all__ = [
 ]
 
 EXPERIMENT_INFO = "{name}.nvae.json"  # next to each Tune experiment folder: what it was started for
+# What Tune reads to restore an experiment: (file pattern, format); for each pattern the newest file (by name) counts.
+# ``search_gen_state`` is a pickle despite its name; our searcher's own state is JSON (``StudyBridge.save``).
+RESTORED_FILES = (
+    ("tuner.pkl", "pickle"),
+    ("experiment_state-*.json", "json"),
+    ("search_gen_state-*.json", "pickle"),
+    ("searcher-state-*.pkl", "json"),
+)
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- Ray setup
@@ -115,6 +127,32 @@ def _experiments(exp_root: Path) -> list[tuple[int, str, dict[str, Any]]]:
 def _write_experiment_info(exp_root: Path, info: dict[str, Any]) -> None:
     exp_root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(exp_root / EXPERIMENT_INFO.format(name=info["name"]), json.dumps(info, indent=2))
+
+
+def unrestorable_reason(experiment_dir: Path) -> str | None:
+    """Why Tune could not restore this experiment folder, or None when every file it reads is there and whole.
+
+    Tune copies its experiment state from the driver's staging folder to ``<study>/ray/<name>`` in a background
+    thread, so a driver killed mid-copy leaves a truncated file; one killed before the first copy leaves none.
+    ``Tuner.restore`` then logs "Failed to restore the run state" and restarts the experiment from its saved
+    searcher, which has run too few trials or waited for ever. Checking first lets the search start a new
+    experiment for the missing trials instead. Pickles are parsed (``pickletools``), never loaded.
+    """
+    for pattern, kind in RESTORED_FILES:
+        candidates = sorted(experiment_dir.glob(pattern))
+        if not candidates:
+            return f"{experiment_dir / pattern} is missing"
+        newest = candidates[-1]
+        try:
+            data = newest.read_bytes()
+            if kind == "json":
+                json.loads(data)
+            else:
+                for _ in pickletools.genops(data):
+                    pass
+        except (OSError, ValueError) as err:
+            return f"{newest} is unreadable or truncated ({type(err).__name__}: {err})"
+    return None
 
 
 def _fit_completed(results: Any) -> bool:
@@ -281,6 +319,15 @@ def run_ray_search(
     experiments = _experiments(exp_root)
     latest = experiments[-1] if experiments else None
     restore = bool(latest and not latest[2].get("done") and tune.Tuner.can_restore(str(exp_root / latest[1])))
+    if restore:
+        assert latest is not None
+        reason = unrestorable_reason(exp_root / latest[1])
+        if reason is not None:
+            # The trials it was running are failed as interrupted and queued again by recover_interrupted below.
+            logger.warning("cannot restore the Ray experiment %s: %s; starting a new one", latest[1], reason)
+            _write_experiment_info(exp_root, {**latest[2], "done": True, "abandoned": reason})
+            latest = (latest[0], latest[1], {**latest[2], "done": True})
+            restore = False
     if not restore:
         recover_interrupted(study, store)  # RUNNING trials of a search that left nothing to restore
         _enqueue_warm_start(study, space, study_dir)
