@@ -234,8 +234,14 @@ def test_an_unfinished_experiment_of_an_older_version_is_a_clear_error(ray_sessi
     ray_dir = tmp_path / "runs" / "older" / "ray"
     (ray_dir / "older").mkdir(parents=True)
     (ray_dir / "older.nvae.json").write_text(json.dumps({"index": 1, "name": "older", "done": False}))
-    # What pickle wrote for the old searcher: a reference to a class by module and name.
+    # What pickle wrote for the old searcher: a reference to a class by module and name; the other files Tune
+    # restores from are whole.
     (ray_dir / "older" / "tuner.pkl").write_bytes(b"cnvae_search.search.ray_backend\n_OutcomeAwareOptunaSearch\n.")
+    session = "2026-01-01_00-00-00"
+    (ray_dir / "older" / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": []}))
+    (ray_dir / "older" / f"search_gen_state-{session}.json").write_bytes(pickle.dumps({"counter": 1}))
+    (ray_dir / "older" / f"searcher-state-{session}.pkl").write_text(json.dumps({"numbers": {}}))
+    assert unrestorable_reason(ray_dir / "older") is None
     with pytest.raises(ConfigError) as caught:
         run_ray_search(load_space(path), root=tmp_path / "runs")
     (problem,) = caught.value.problems
@@ -337,7 +343,7 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
             "train.batch_size": {"type": "fixed", "value": 32},  # slower steps: time to kill a trial mid-run
         },
         3,
-        steps=30,
+        steps=16,
         every=2,
         ray={"max_concurrent": 2, "scheduler": {"type": "none"}},
     )
