@@ -29,11 +29,11 @@ from .memory_step import (
     Precision,
     StepParts,
     build_step_parts,
-    device_state_tensors,
     forward_backward,
     init_optimizer_state,
     on_fake_tensors,
     optimizer_phase_bytes,
+    state_tensors,
     zero_adamax_state,
 )
 from .memory_trace import AffineTrace, StepTrace, rounded
@@ -287,7 +287,7 @@ class MemoryPredictor:
                 tracker.track(t, "params")
             for t in parts.spectral.buffers():
                 tracker.track(t, "regulariser")
-            for t in device_state_tensors(parts.optimizer, self.device):
+            for t in state_tensors(parts.optimizer, self.device):
                 tracker.track(t, "optimizer")
             tracker.track(parts.x, "activations")
             tracker.reset_peak()

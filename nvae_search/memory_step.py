@@ -191,14 +191,9 @@ def update(
         scaler.update()
 
 
-def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
-    for state in optimizer.state.values():
-        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-
-
-def device_state_tensors(optimizer: torch.optim.Optimizer, device: str) -> Iterator[torch.Tensor]:
-    """The optimizer's state in ``device``'s memory: on CUDA, torch keeps each parameter's step count on the host
-    unless the optimizer is ``capturable`` (the trainer's Adamax is not)."""
+def state_tensors(optimizer: torch.optim.Optimizer, device: str = "cpu") -> Iterator[torch.Tensor]:
+    """The optimizer's state in ``device``'s memory: on the CPU all of it; on CUDA torch keeps each parameter's step
+    count on the host unless the optimizer is ``capturable`` (the trainer's Adamax is not)."""
     host_steps = device == "cuda" and not any(group.get("capturable") for group in optimizer.param_groups)
     for state in optimizer.state.values():
         yield from (v for key, v in state.items() if isinstance(v, torch.Tensor) and not (host_steps and key == "step"))

@@ -52,7 +52,7 @@ def step_peak_bytes(parts: memory_step.StepParts, block_bytes: int = 1, device: 
     tracker = memory.StorageTracker(block_bytes=block_bytes)
     for t in (*parts.model.parameters(), *parts.model.buffers(), *parts.spectral.buffers(), parts.x):
         tracker.track(t)
-    for t in memory_step.device_state_tensors(parts.optimizer, device):
+    for t in memory_step.state_tensors(parts.optimizer, device):
         tracker.track(t)
     tracker.reset_peak()
     with tracker:

@@ -207,12 +207,12 @@ def test_adamax_state_on_cuda_is_its_two_moments_the_step_counts_stay_on_the_hos
     assert predictor.predict(2, "fp32", "off").optimizer_bytes == 2 * storage_bytes(params, 512)
     optimizer = torch.optim.Adamax(params)
     memory_step.init_optimizer_state(optimizer)
-    on_gpu = list(memory_step.device_state_tensors(optimizer, "cuda"))
+    on_gpu = list(memory_step.state_tensors(optimizer, "cuda"))
     assert len(on_gpu) == 2 * len(params) and all(t.dim() > 0 for t in on_gpu)
-    assert len(list(memory_step.device_state_tensors(optimizer, "cpu"))) == 3 * len(params)  # host memory: all
+    assert len(list(memory_step.state_tensors(optimizer, "cpu"))) == 3 * len(params)  # host memory: all
     capturable = torch.optim.Adamax([torch.zeros(3)], capturable=True)
     capturable.state[capturable.param_groups[0]["params"][0]] = {"step": torch.zeros(()), "exp_avg": torch.zeros(3)}
-    assert len(list(memory_step.device_state_tensors(capturable, "cuda"))) == 2  # its steps live on the GPU
+    assert len(list(memory_step.state_tensors(capturable, "cuda"))) == 2  # its steps live on the GPU
 
 
 def test_the_optimizer_phase_adds_what_it_allocates_above_what_is_live(
