@@ -114,12 +114,10 @@ def test_schema_space_without_the_module_exits_2(monkeypatch: pytest.MonkeyPatch
     assert "nvae_search.spaces" in result.output
 
 
-def test_profile_tiny_json() -> None:
-    result = invoke(["profile", "recipes/cpu/tiny.yaml", "--batch", "4", "--steps", "2", "--threads", "1", "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+def test_profile_tiny_json(tiny_profile: dict[str, Any]) -> None:
+    report = tiny_profile  # --batch 8 --steps 2 --threads 1 --json
     assert report["params"] == 27_998
-    assert (report["batch"], report["steps"], report["threads"]) == (4, 2, 1)
+    assert (report["batch"], report["steps"], report["threads"]) == (8, 2, 1)
     for key in ("checkpointing_off", "checkpointing_on"):
         run = report[key]
         assert run["params"] == 27_998

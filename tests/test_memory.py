@@ -103,12 +103,9 @@ def test_fake_reads_answer_as_a_steady_step_after_the_first() -> None:
         assert bool(conv.needs_data_init) is False and int(torch.zeros((), dtype=torch.long)) == 1
 
 
-def test_profile_measures_the_step_the_prediction_predicts_and_they_agree() -> None:
+def test_profile_measures_the_step_the_prediction_predicts_and_they_agree(tiny_profile: dict[str, Any]) -> None:
     """`profile` (real tensors, torch's CPU allocator) and the prediction (fake tensors) describe one full step."""
-    args = ["profile", str(TINY), "--batch", "8", "--steps", "1", "--threads", "1", "--json"]
-    result = invoke(args)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = tiny_profile  # the tiny recipe at --batch 8
     assert report["memory_what"] == f"{STEP_MEMORY}, fp32" and "optimizer step" in STEP_MEMORY
     for key in ("checkpointing_off", "checkpointing_on"):
         measured = report[key]["memory"]
