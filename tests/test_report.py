@@ -559,3 +559,34 @@ def test_end_to_end_two_tiny_trials(tmp_path: Path, torch_single_thread: None) -
         assert {"summary.json", "metrics.jsonl", "recipe.resolved.yaml", "params.json"} <= {
             p.name for p in run_dir.iterdir()
         }
+
+
+@pytest.mark.parametrize(
+    ("diverged", "finished", "style"),
+    [(0, 4, "green"), (1, 4, "red"), (2, 4, "bold red"), (3, 4, "bold red"), (4, 4, "bold red")],
+)
+def test_the_stability_table_colours_the_divergence_rate_by_threshold(diverged: int, finished: int, style: str) -> None:
+    """Green for no diverged or exploded run, red for some, bold red from half of them on: the colour a reader of
+    the stability table goes by at a glance."""
+    from nvae_search.search.report_tables import configs_table
+
+    config = {
+        "label": "a",
+        "config_id": "c0ffee",
+        "runs": finished,
+        "repeat_runs": 0,
+        "mean": 90.0,
+        "std": 1.0,
+        "diverged": diverged,
+        "finished": finished,
+        "divergence_rate": diverged / finished,
+        "divergence_ci_low": None,
+        "divergence_ci_high": None,
+        "median_divergence_step": None,
+        "grad_norm_max_mean": 1.0,
+        "loss_spikes_mean": 0.0,
+    }
+    table = configs_table(Console(width=200, file=io.StringIO()), [config], ("nelbo ↓", "nats"))
+    (column,) = [c for c in table.columns if "diverged or exploded" in str(c.header)]
+    (cell,) = list(column.cells)
+    assert str(cell).startswith(f"{diverged}/{finished} (") and cell.style == style
