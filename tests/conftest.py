@@ -64,6 +64,25 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+def event_trace(batch: int, events: list[tuple[str, Any]]) -> Any:
+    """A memory ``StepTrace`` of ``batch`` from events: ``(kind, bytes)`` allocates (``params``, ``activations``,
+    ...), ``("free", i)`` frees the i-th allocation, ``("grad", bytes)`` a gradient, ``("reset" | "end", 0)`` marks."""
+    from nvae_search import memory_trace
+
+    trace = memory_trace.StepTrace(batch)
+    allocs: list[int] = []
+    for what, value in events:
+        if what == "free":
+            trace.free(allocs[value])
+        elif what == "grad":
+            trace.grad(value)
+        elif what in ("reset", "end"):
+            trace.mark(what)
+        else:
+            allocs.append(trace.alloc(value, what))
+    return trace
+
+
 def uses_the_session_ray(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
     return "ray_session" in getattr(item, "fixturenames", ()) or (

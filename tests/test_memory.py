@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import event_trace
 from typer.testing import CliRunner, Result
 
 from nvae_search import memory, memory_cache, memory_step, memory_trace
@@ -384,26 +385,19 @@ def test_a_refusal_in_the_store_is_raised_again_without_simulating(memory_store:
     assert predictor.simulations == 0
 
 
-def _trace(batch: int, events: list[tuple[str, int]]) -> memory_trace.StepTrace:
-    trace = memory_trace.StepTrace(batch)
-    allocs: list[int] = []
-    for what, value in events:
-        if what == "alloc":
-            allocs.append(trace.alloc(value, "activations"))
-        elif what == "free":
-            trace.free(allocs[value])
-        else:
-            trace.mark(what)
-    return trace
-
-
 def test_a_trace_replays_exactly_and_refuses_what_it_cannot_replay() -> None:
     def step(batch: int, release_order: tuple[int, int] = (1, 2), params: int = 1000) -> memory_trace.StepTrace:
-        return _trace(
+        return event_trace(
             batch,
             [
-                *[("alloc", params), ("reset", 0), ("alloc", 10 * batch), ("alloc", 100 * batch + 4), ("alloc", 7)],
-                *[("free", release_order[0]), ("free", release_order[1]), ("alloc", 30 * batch), ("end", 0)],
+                *[
+                    ("activations", params),
+                    ("reset", 0),
+                    ("activations", 10 * batch),
+                    ("activations", 100 * batch + 4),
+                    ("activations", 7),
+                ],
+                *[("free", release_order[0]), ("free", release_order[1]), ("activations", 30 * batch), ("end", 0)],
             ],
         )
 
@@ -417,7 +411,7 @@ def test_a_trace_replays_exactly_and_refuses_what_it_cannot_replay() -> None:
     assert memory_trace.AffineTrace.fit(step(2), step(5)) is not None
 
     def one_alloc(batch: int, nbytes: int) -> memory_trace.StepTrace:
-        return _trace(batch, [("alloc", 1000), ("reset", 0), ("alloc", nbytes), ("end", 0)])
+        return event_trace(batch, [("activations", 1000), ("reset", 0), ("activations", nbytes), ("end", 0)])
 
     assert memory_trace.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 41)) is None  # 10.5 bytes per image
     assert memory_trace.AffineTrace.fit(one_alloc(2, 20), one_alloc(4, 60)) is None  # -20 bytes at batch 0

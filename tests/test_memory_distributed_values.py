@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import event_trace
 from torch.optim.swa_utils import AveragedModel
 
 from nvae_search import distributed, memory, memory_cache, memory_step, memory_trace
@@ -279,21 +280,6 @@ def test_a_reset_peak_is_what_is_live_and_a_transient_counts_on_top_of_it() -> N
     assert tracker.peak == 1010 and tracker.peak_by_kind == {"params": 1000, "activations": 0, "grads": 0}
     tracker.add_transient(5)  # 1,005 < 1,010: no new peak
     assert tracker.peak == 1010
-
-
-def event_trace(batch: int, events: list[tuple[str, Any]]) -> memory_trace.StepTrace:
-    trace = memory_trace.StepTrace(batch)
-    allocs: list[int] = []
-    for what, value in events:
-        if what == "free":
-            trace.free(allocs[value])
-        elif what == "grad":
-            trace.grad(value)
-        elif what in ("reset", "end"):
-            trace.mark(what)
-        else:
-            allocs.append(trace.alloc(value, what))
-    return trace
 
 
 def test_a_replay_counts_gradients_in_blocks_and_keeps_the_first_of_two_equal_peaks() -> None:
