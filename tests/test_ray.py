@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from nvae_search.rundir import ray_trial_dir
 from nvae_search.search.ray_backend import (
     ATTEMPTS_LOG,
     RANKS_LOG,
@@ -104,8 +105,10 @@ def test_the_searcher_survives_pickling_and_restores_which_optuna_trial_each_ray
         )
     )
     url = f"journal:{tmp_path / 'study.journal'}"
-    first = make_searcher(space, url)
+    first = make_searcher(space, url, str(tmp_path / "study"))
     params = {trial: first.suggest(trial) for trial in ("a", "b", "c")}
+    running = optuna.load_study(study_name="bridge", storage=open_storage(url)).trials
+    assert [t.user_attrs["run_dir"] for t in running] == [ray_trial_dir(tmp_path / "study", t) for t in "abc"]
     first.on_trial_result("a", {METRIC: 5.0, "step": 1, "run_dir": "ra"})
     first.on_trial_result("b", {METRIC: 6.0, "step": 1, "run_dir": "rb"})
     first.on_trial_result("b", {METRIC: 4.0, "step": 4, "run_dir": "rb"})
@@ -127,6 +130,7 @@ def test_the_searcher_survives_pickling_and_restores_which_optuna_trial_each_ray
     assert b.state == State.PRUNED and b.value == 3.9 and b.intermediate_values == {1: 6.0, 4: 4.0, 8: 3.9}
     assert b.user_attrs["status"] == "pruned" and b.user_attrs["steps"] == 8
     assert c.state == State.FAIL and c.user_attrs["status"] == "interrupted" and c.user_attrs["interrupted"]
+    assert c.user_attrs["run_dir"] == ray_trial_dir(tmp_path / "study", "c")  # known without a report
     second.on_trial_complete("a", None, error=True)  # Tune repeating itself changes nothing
     assert optuna.load_study(study_name="bridge", storage=open_storage(url)).trials[0].state == State.COMPLETE
 
@@ -370,6 +374,7 @@ def test_sigkill_of_the_driver_then_rerun_resumes_without_duplicates(tmp_path: P
         t.params["train.learning_rate"] for t in load_study(runs / "killed")[0].trials if t.state == State.RUNNING
     )
     assert running_at_kill, "the kill left no trial running"
+    assert any((trials_dir / d / "checkpoint.pt").exists() for d in killed_dirs), "no checkpoint before the kill"
     experiment_dir = runs / "killed" / "ray" / "killed"
     snapshot = tmp_path / "snapshot"
     shutil.copytree(runs, snapshot, symlinks=True)
@@ -426,6 +431,12 @@ def assert_abandoned_and_retried(study_dir: Path, killed_dirs: set[str], running
     assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted)
     run_dirs = {Path(t.user_attrs["run_dir"]).name for t in counted}
     assert len(run_dirs) == 3 and not run_dirs & killed_dirs
+    # The killed trials' checkpoints (theirs and Ray's copies) go by budget.keep_checkpoints (best: one kept).
+    for trial in interrupted:
+        run_dir = Path(trial.user_attrs["run_dir"])
+        assert run_dir.name in killed_dirs and not (run_dir / "checkpoint.pt").exists()
+        tune_id = run_dir.name.removeprefix("ray_")
+        assert not list((study_dir / "ray").glob(f"*/*_{tune_id}_*/checkpoint_*/checkpoint.pt"))
 
 
 @pytest.mark.parametrize(("pattern", "kind"), RESTORED_FILES)
@@ -521,6 +532,49 @@ def test_search_address_option_is_passed_to_ray(tmp_path: Path, monkeypatch: pyt
     result = CliRunner().invoke(app, ["search", str(path), *root])
     assert isinstance(result.exception, Stop)
     assert seen == ["10.0.0.5:6379", "local"]  # without --address: the space's ray.address (default local)
+
+
+def test_a_second_driver_on_a_study_is_refused_until_the_first_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drivers on one study would both restore its unfinished experiment and train its trials twice: while one
+    holds the study's driver lock, another exits 2 naming it, before Ray starts; once it is gone, a driver runs."""
+    import fcntl
+    import socket
+
+    from typer.testing import CliRunner
+
+    from nvae_search.cli import app
+    from nvae_search.search import ray_backend
+
+    class Stop(Exception):
+        pass
+
+    started: list[str | None] = []
+
+    def fake_init(address: str | None = "local", **kwargs: Any) -> bool:
+        started.append(address)
+        raise Stop
+
+    monkeypatch.setattr(ray_backend, "init_ray", fake_init)
+    path = write_space(
+        tmp_path, "one", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
+    )
+    command = ["search", str(path), "--root", str(tmp_path / "runs"), "--backend", "ray", "-q"]
+    lock = tmp_path / "runs" / "one" / "ray" / ray_backend.DRIVER_LOCK
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a+") as first:  # the first driver, as its process holds it
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        first.write("pid 4242 on node-a\n")
+        first.flush()
+        refused = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
+    assert refused.exit_code == 2, refused.output
+    assert "another driver (pid 4242 on node-a) is running the Ray search of this study" in refused.output
+    assert "Traceback" not in refused.output and started == []
+    assert lock.read_text() == "pid 4242 on node-a\n"  # the holder's line stays for the next one to read
+    second = CliRunner().invoke(app, command)  # the first has ended (its lock released, as by a kill)
+    assert isinstance(second.exception, Stop) and started == ["local"]
+    assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
 
 
 def test_a_quiet_ray_search_hides_rays_notices_but_not_its_security_warning(monkeypatch: pytest.MonkeyPatch) -> None:

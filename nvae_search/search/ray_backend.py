@@ -16,11 +16,13 @@ Ray (and Optuna) are imported inside functions only, so importing this module co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickletools
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +61,7 @@ __all__ = [
     "run_ray_search",
 ]
 
+DRIVER_LOCK = ".driver.lock"  # in <study>/ray/: held by the one driver of the study's Ray experiments
 EXPERIMENT_INFO = "{name}.nvae.json"  # next to each Tune experiment folder: what it was started for
 # What Tune reads to restore an experiment: (file pattern, format); for each pattern the newest file (by name) counts.
 # ``search_gen_state`` is a pickle despite its name; our searcher's own state is JSON (``StudyBridge.save``).
@@ -204,7 +207,7 @@ def _make_tuner(
     from ray.tune.search import ConcurrencyLimiter
 
     cfg = space.ray
-    searcher = make_searcher(space, url)
+    searcher = make_searcher(space, url, str(study_dir.resolve()))
     if cfg.scheduler.type == "asha":
         scheduler: Any = ASHAScheduler(
             time_attr="training_iteration",
@@ -286,6 +289,35 @@ def _fit(tuner: Any, space: Space, study_dir: Path, tracker: StudyTracker | None
         return tuner.fit()
 
 
+@contextlib.contextmanager
+def sole_driver(space: Space, exp_root: Path) -> Iterator[None]:
+    """Hold ``<study>/ray/.driver.lock`` while this process drives the study's Ray experiments. A second driver
+    would restore the experiment the first is running and train its trials twice; it gets a :class:`ConfigError`
+    naming the holder instead. The operating system releases the lock of a driver that dies, so a killed driver
+    leaves nothing to clean up. (``flock``: one host, or a shared file system that supports it.)"""
+    import fcntl
+
+    exp_root.mkdir(parents=True, exist_ok=True)
+    with open(exp_root / DRIVER_LOCK, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process"
+            reason = (
+                f"another driver ({holder}) is running the Ray search of this study ({exp_root.parent}); "
+                "wait for it to end, or stop it, and run the command again"
+            )
+            raise ConfigError(str(space.source or "<space>"), [("ray", reason)]) from None
+        try:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_ray_search(
     space: Space,
     *,
@@ -304,14 +336,35 @@ def run_ray_search(
     called ``ray.init`` keeps its instance. Re-running after the driver was killed restores the unfinished Tune
     experiment (trials continue from their last checkpoint); re-running after it finished starts a new
     experiment for the trials still missing from ``n_trials`` (default ``study.n_trials``). ``tracking``
-    replaces the space's ``tracking:`` (e.g. from ``--track``); each trial is tracked once it has ended.
+    replaces the space's ``tracking:`` (e.g. from ``--track``); each trial is tracked once it has ended. One
+    driver per study: while one runs, another gets a :class:`ConfigError` (:func:`sole_driver`).
     """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_dir = study_dir_for(space, root).resolve()
-    study, store, url = open_study(space, study_dir, storage, "ray")
+    study, store, url = open_study(space, study_dir, storage, "ray")  # nothing written if the storage is unusable
     target = n_trials if n_trials is not None else space.study.n_trials
+    with sole_driver(space, study_dir / RAY_DIR):
+        while _drive(space, study_dir, study, store, url, target, address, on_start, verbose, tracking):
+            on_start = None
+    return study_dir
+
+
+def _drive(
+    space: Space,
+    study_dir: Path,
+    study: optuna.Study,
+    store: Any,
+    url: str,
+    target: int,
+    address: str | None,
+    on_start: Callable[[optuna.Study, int], None] | None,
+    verbose: bool,
+    tracking: TrackingConfig | None,
+) -> bool:
+    """One Tune experiment of :func:`run_ray_search` (restored or new), this process being the study's only
+    driver; True when another experiment must follow."""
     exp_root = study_dir / RAY_DIR
 
     from ray import tune  # reading the experiment folder needs no running Ray
@@ -333,7 +386,7 @@ def run_ray_search(
         _enqueue_warm_start(study, space, study_dir)
         remaining = target - finished_trials(study)
         if remaining <= 0:
-            return study_dir
+            return False
 
     from ..tracking import open_study_tracker
 
@@ -366,10 +419,6 @@ def run_ray_search(
             import ray
 
             ray.shutdown()
-    if restore and completed and finished_trials(study) < target:
-        # A driver killed between two of Tune's experiment snapshots can leave an experiment that restores fewer
-        # trials than it owed; the experiment is now done, so this call starts a new one for the missing trials.
-        return run_ray_search(
-            space, address=address, n_trials=n_trials, storage=storage, root=root, verbose=verbose, tracking=tracking
-        )
-    return study_dir
+    # A driver killed between two of Tune's experiment snapshots can leave an experiment that restores fewer
+    # trials than it owed; the experiment is now done, so a new one runs the missing trials.
+    return restore and completed and finished_trials(study) < target

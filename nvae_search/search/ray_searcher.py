@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..rundir import ray_trial_dir
 from ..status import BROKE, WITH_VALUE, TrialStatus
 from .storage import open_storage, trial_id
 from .trial import OUTCOME_KEYS
@@ -149,9 +150,10 @@ class StudyBridge:
     searcher's metric in every result). Only the mapping below is saved; the study is opened on first use.
     """
 
-    def __init__(self, space: Space, url: str) -> None:
+    def __init__(self, space: Space, url: str, study_dir: str | None = None) -> None:
         self.space = space
         self.url = url
+        self.study_dir = study_dir  # where trial runs go; None in a searcher pickled before it was recorded
         self.numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self.completed: set[str] = set()
         self.last: dict[str, dict[str, Any]] = {}  # the last result of each running trial
@@ -190,6 +192,10 @@ class StudyBridge:
 
         trial = self.study.ask()  # a queued (enqueued or retried) point first, as in the Optuna backend
         self.numbers[ray_trial_id] = trial.number
+        if self.study_dir is not None:
+            # Known from the start, so that a trial whose driver dies (no outcome told) still names its run for
+            # budget.keep_checkpoints, as an Optuna-backend trial does.
+            trial.set_user_attr("run_dir", ray_trial_dir(self.study_dir, ray_trial_id))
         try:
             make_ray_space_fn(self.space)(trial)
         except Exception:
@@ -211,6 +217,8 @@ class StudyBridge:
         number = self.numbers[ray_trial_id]
         try:
             state, values, attrs = decide(result, error, self.last.get(ray_trial_id, {}))
+            if attrs.get("run_dir") is None and self.study_dir is not None:  # it never reported
+                attrs["run_dir"] = ray_trial_dir(self.study_dir, ray_trial_id)
             if result and state == _state("PRUNED"):
                 # Tune does not pass the result that made ASHA stop the trial to on_trial_result: record it, so
                 # the PRUNED value is the one the trial was stopped at.
@@ -287,18 +295,19 @@ def searcher_class() -> type:
     from ray.tune.search import Searcher
 
     class StudySearcher(StudyBridge, Searcher):  # type: ignore[misc]
-        def __init__(self, space: Space, url: str) -> None:
+        def __init__(self, space: Space, url: str, study_dir: str | None = None) -> None:
             Searcher.__init__(self, metric=METRIC, mode="min")
-            StudyBridge.__init__(self, space, url)
+            StudyBridge.__init__(self, space, url, study_dir)
 
         def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
             # Pickled with the experiment (tuner.pkl) by name of this module-level factory, not of the class;
             # the mapping of trials is saved and restored by Tune through save/restore.
-            return make_searcher, (self.space, self.url)
+            return make_searcher, (self.space, self.url, self.study_dir)
 
     return StudySearcher
 
 
-def make_searcher(space: Space, url: str) -> Any:
-    """A ``ray.tune.search.Searcher`` over the study of ``space`` in the storage at ``url``."""
-    return searcher_class()(space, url)
+def make_searcher(space: Space, url: str, study_dir: str | None = None) -> Any:
+    """A ``ray.tune.search.Searcher`` over the study of ``space`` in the storage at ``url``; with ``study_dir``,
+    each trial's ``run_dir`` attribute is set when it is suggested."""
+    return searcher_class()(space, url, study_dir)

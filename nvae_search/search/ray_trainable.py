@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config_io import atomic_write_text
-from ..rundir import TRIALS_DIR
+from ..rundir import RAY_TRIAL_PREFIX as TRIAL_PREFIX
+from ..rundir import ray_trial_dir
 from ..status import BROKE, TrialStatus
 from .instability import with_instability
 from .ray_searcher import METRIC, PLACEHOLDER
 from .retention import CHECKPOINT_FILE as CHECKPOINT_NAME
-from .retention import RAY_TRIAL_PREFIX as TRIAL_PREFIX
 from .seeds import run_configuration
 from .trial import InvalidCombination, TrialOutcome, config_id, outcome_from_summary
 
@@ -278,7 +278,7 @@ def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cw
 
     start = time.perf_counter()
     prepare_worker(space)
-    run_dir = Path(study_dir) / TRIALS_DIR / f"{TRIAL_PREFIX}{tune.get_context().get_trial_id()}"
+    run_dir = Path(ray_trial_dir(study_dir, tune.get_context().get_trial_id()))
     values = resolve_flat_params(space, config)
     ident = {
         "run_dir": str(run_dir),

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..rundir import RAY_TRIAL_PREFIX
 from .runner import TRIALS_DIR
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"  # = checkpoint.CHECKPOINT_NAME, without importing torch
 RAY_DIR = "ray"  # = ray_backend.RAY_DIR
-RAY_TRIAL_PREFIX = "ray_"  # = ray_backend.TRIAL_PREFIX
 
 
 def keep_top_k(space: Space) -> int:
