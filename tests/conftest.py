@@ -17,6 +17,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # not write into the user's cache. Set before anything runs, so subprocesses (CLI runs, Ray workers) inherit it.
 os.environ["NVAE_SEARCH_MEMORY_CACHE"] = "off"
 
+# Under pytest-xdist each worker takes its share of the cores for torch's threads (set before torch is imported, and
+# inherited by the processes it starts), unless OMP_NUM_THREADS says otherwise: two workers of two OpenMP threads
+# each on two cores make small ops wait for descheduled threads.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # Recipe overrides under which one process at batch 2B and two data-parallel ranks at batch B log the same losses:
 # no batch norm (res_elu cells, no SE), β = 1 from the start (no per-rank KL balancing), no LR warm-up, no dynamic
 # binarisation (another per-rank random draw), a log line every step, no end-of-run evaluation.
@@ -91,9 +98,17 @@ def uses_the_session_ray(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The tests on the session's Ray instance run last, in their usual order: an idle local Ray takes ≈8 % of a
-    core (measured here), which every test after the first Ray test would otherwise pay."""
-    items.sort(key=uses_the_session_ray)
+    """In one process, the tests on the session's Ray instance run last, in their usual order: an idle local Ray
+    takes ≈8 % of a core (measured here), which every test after the first Ray test would otherwise pay. Under
+    pytest-xdist (``-n 2 --dist loadgroup``) they form one group on one worker, so only one Ray instance starts,
+    and they come first: that worker runs them while the other works through the rest."""
+    parallel = bool(getattr(config.option, "numprocesses", None)) or "PYTEST_XDIST_WORKER" in os.environ
+    items.sort(key=lambda item: uses_the_session_ray(item) != parallel)
+    for item in items:
+        if uses_the_session_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif "tiny_profile" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_profile"))
 
 
 @pytest.fixture(scope="session")

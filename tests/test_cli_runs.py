@@ -25,7 +25,7 @@ FAST = [
     "--set",
     "train.eval_iw_samples=2",
 ]
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "300"})  # a message with a long temporary path stays on one line, unwrapped
 
 
 def assert_clean(result: Result, exit_code: int, *messages: str) -> None:
