@@ -136,9 +136,10 @@ def _key(item: Any) -> str:
 
 def _wandb_run(run_dir: Path) -> dict[str, Any]:
     (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    out: dict[str, Any] = {"steps": [], "summary": {}, "exit": None, "group": None, "name": None}
+    out: dict[str, Any] = {"steps": [], "summary": {}, "exit": None, "group": None, "name": None, "kinds": []}
     for record in wandb_records(log):
         kind = record.WhichOneof("record_type")
+        out["kinds"].append(kind)
         if kind == "history":
             items = {_key(item): item.value_json for item in record.history.item}
             if "nelbo" in items:
@@ -165,11 +166,20 @@ def wandb_offline(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     wandb.teardown()
 
 
+def end_of_command() -> None:
+    """What the end of a command's process does for W&B: wait for its service to write out the run files (a loaded
+    machine showed a run file not yet written when ``run.finish()`` had returned)."""
+    import wandb
+
+    wandb.teardown()
+
+
 def test_train_is_one_wandb_run_offline(wandb_offline: Path) -> None:
     result = runner.invoke(app, ["train", "cpu/tiny", *FAST, "--track", "wandb"])
     assert result.exit_code == 0, result.output
+    end_of_command()
     run = _wandb_run(wandb_offline / "runs" / "cpu-tiny")
-    assert run["name"] == "cpu-tiny" and run["steps"] == [1, 3, 6] and run["exit"] == 0
+    assert run["name"] == "cpu-tiny" and run["steps"] == [1, 3, 6] and run["exit"] == 0, run
     assert "final/eval_nll" in run["summary"] and run["summary"]["status"] == '"completed"'
     assert {"recipe.resolved.yaml", "summary.json", "samples_t0.7_step6.png"} <= run["files"]
 
@@ -177,6 +187,7 @@ def test_train_is_one_wandb_run_offline(wandb_offline: Path) -> None:
 def test_search_is_a_wandb_group_with_a_run_per_trial_offline(wandb_offline: Path) -> None:
     result = runner.invoke(app, ["search", str(_space(wandb_offline, "wandb")), "--root", "runs"])
     assert result.exit_code == 0, result.output
+    end_of_command()
     trials = wandb_offline / "runs" / "tracked-wandb" / "trials"
     good, bad = _wandb_run(trials / "0000"), _wandb_run(trials / "0001")
     if bad["exit"] == 0:  # the grid sampler's order is not fixed: find the diverged one by its outcome
