@@ -507,35 +507,43 @@ def test_ray_address_reaches_ray_init(monkeypatch: pytest.MonkeyPatch, address: 
     assert os.environ.get("RAY_AUTH_MODE") == ("token" if address == "10.0.0.5:6379" else None)
 
 
-def test_search_address_option_is_passed_to_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class RayStarting(Exception):
+    """Raised where a command would start Ray (see ``ray_starts``)."""
+
+
+@pytest.fixture
+def ray_starts(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The addresses the Ray backend asks ``init_ray`` for; the stand-in raises :class:`RayStarting` instead."""
+    from nvae_search.search import ray_backend
+
+    started: list[str | None] = []
+
+    def fake_init(address: str | None = "local", **kwargs: Any) -> bool:
+        started.append(address)
+        raise RayStarting
+
+    monkeypatch.setattr(ray_backend, "init_ray", fake_init)
+    return started
+
+
+def test_search_address_option_is_passed_to_ray(tmp_path: Path, ray_starts: list[str | None]) -> None:
     from typer.testing import CliRunner
 
     from nvae_search.cli import app
-    from nvae_search.search import ray_backend
 
-    class Stop(Exception):
-        pass
-
-    seen: list[str | None] = []
-
-    def fake_init(address: str | None = "local", **kwargs: Any) -> bool:
-        seen.append(address)
-        raise Stop
-
-    monkeypatch.setattr(ray_backend, "init_ray", fake_init)
     path = write_space(
         tmp_path, "addr", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
     )
     root = ["--root", str(tmp_path / "runs"), "--backend", "ray", "-q"]
     result = CliRunner().invoke(app, ["search", str(path), *root, "--address", "10.0.0.5:6379"])
-    assert isinstance(result.exception, Stop)
+    assert isinstance(result.exception, RayStarting)
     result = CliRunner().invoke(app, ["search", str(path), *root])
-    assert isinstance(result.exception, Stop)
-    assert seen == ["10.0.0.5:6379", "local"]  # without --address: the space's ray.address (default local)
+    assert isinstance(result.exception, RayStarting)
+    assert ray_starts == ["10.0.0.5:6379", "local"]  # without --address: the space's ray.address (default local)
 
 
 def test_a_second_driver_on_a_study_is_refused_until_the_first_has_ended(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ray_starts: list[str | None]
 ) -> None:
     """Two drivers on one study would both restore its unfinished experiment and train its trials twice: while one
     holds the study's driver lock, another exits 2 naming it, before Ray starts; once it is gone, a driver runs."""
@@ -547,16 +555,6 @@ def test_a_second_driver_on_a_study_is_refused_until_the_first_has_ended(
     from nvae_search.cli import app
     from nvae_search.search import ray_backend
 
-    class Stop(Exception):
-        pass
-
-    started: list[str | None] = []
-
-    def fake_init(address: str | None = "local", **kwargs: Any) -> bool:
-        started.append(address)
-        raise Stop
-
-    monkeypatch.setattr(ray_backend, "init_ray", fake_init)
     path = write_space(
         tmp_path, "one", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
     )
@@ -570,10 +568,10 @@ def test_a_second_driver_on_a_study_is_refused_until_the_first_has_ended(
         refused = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
     assert refused.exit_code == 2, refused.output
     assert "another driver (pid 4242 on node-a) is running the Ray search of this study" in refused.output
-    assert "Traceback" not in refused.output and started == []
+    assert "Traceback" not in refused.output and ray_starts == []
     assert lock.read_text() == "pid 4242 on node-a\n"  # the holder's line stays for the next one to read
     second = CliRunner().invoke(app, command)  # the first has ended (its lock released, as by a kill)
-    assert isinstance(second.exception, Stop) and started == ["local"]
+    assert isinstance(second.exception, RayStarting) and ray_starts == ["local"]
     assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
 
 
