@@ -25,6 +25,7 @@ Guards (each test kills a mutation the rest of the suite let through, in a hand-
 
 from __future__ import annotations
 
+import inspect
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -411,8 +412,12 @@ def spawn_args(out: Path, workers: int, **kwargs: Any) -> dict[str, Any]:
     with pytest.raises(Spawned) as caught:
         distributed.train_data_parallel(load_recipe(TINY), out, workers, **kwargs)
     assert caught.value.nprocs == workers
-    world, _, backend, device, _, out_dir, resume, threads = caught.value.args_[:8]
-    return {"world": world, "backend": backend, "device": device, "out": out_dir, "resume": resume, "threads": threads}
+    # Named by the worker's own signature (the starter passes the rank first), so a reordered argument list still
+    # reads each value under its name.
+    given = inspect.signature(distributed._worker).bind(0, *caught.value.args_).arguments
+    keys = {"world": "world", "backend": "backend", "device_kind": "device", "out_dir": "out"}
+    keys |= {"resume": "resume", "threads": "threads"}
+    return {key: given[name] for name, key in keys.items()}
 
 
 def test_what_data_parallel_hands_its_workers(tmp_path: Path, no_spawn: None, monkeypatch: pytest.MonkeyPatch) -> None:
