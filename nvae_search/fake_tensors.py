@@ -1,7 +1,7 @@
 """What the memory predictor reads of torch's fake-tensor internals (private, moved between releases): where torch
 renamed what it reads, both spellings are accepted (``abstract_impl`` in 2.4), and where a reader raises the
 predictor takes the fake mode's own way (its general dispatch, its constructor): slower, the same figures.
-Checked on torch 2.4.1, 2.7.1, 2.13.0 and 2.14.1 (the same predictions, byte for byte)."""
+Checked on torch 2.4.1, 2.7.1, 2.13.0, 2.14.1 and 2.15.0 (the same predictions, byte for byte)."""
 
 from __future__ import annotations
 
