@@ -17,6 +17,7 @@ Ray (and Optuna) are imported inside functions only, so importing this module co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -345,80 +346,89 @@ def run_ray_search(
     study_dir = study_dir_for(space, root).resolve()
     study, store, url = open_study(space, study_dir, storage, "ray")  # nothing written if the storage is unusable
     target = n_trials if n_trials is not None else space.study.n_trials
-    with sole_driver(space, study_dir / RAY_DIR):
-        while _drive(space, study_dir, study, store, url, target, address, on_start, verbose, tracking):
+    driver = _Driver(space, study_dir, study, store, url, target, address, verbose, tracking)
+    with sole_driver(space, driver.exp_root):
+        while driver.run_experiment(on_start):
             on_start = None
     return study_dir
 
 
-def _drive(
-    space: Space,
-    study_dir: Path,
-    study: optuna.Study,
-    store: Any,
-    url: str,
-    target: int,
-    address: str | None,
-    on_start: Callable[[optuna.Study, int], None] | None,
-    verbose: bool,
-    tracking: TrackingConfig | None,
-) -> bool:
-    """One Tune experiment of :func:`run_ray_search` (restored or new), this process being the study's only
-    driver; True when another experiment must follow."""
-    exp_root = study_dir / RAY_DIR
+@dataclasses.dataclass(frozen=True)
+class _Driver:
+    """What the Tune experiments of one :func:`run_ray_search` call share."""
 
-    from ray import tune  # reading the experiment folder needs no running Ray
+    space: Space
+    study_dir: Path
+    study: optuna.Study
+    store: Any
+    url: str
+    target: int  # finished trials the study must reach
+    address: str | None
+    verbose: bool
+    tracking: TrackingConfig | None
 
-    experiments = _experiments(exp_root)
-    latest = experiments[-1] if experiments else None
-    restore = bool(latest and not latest[2].get("done") and tune.Tuner.can_restore(str(exp_root / latest[1])))
-    if restore:
-        assert latest is not None
-        reason = unrestorable_reason(exp_root / latest[1])
-        if reason is not None:
-            # The trials it was running are failed as interrupted and queued again by recover_interrupted below.
-            logger.warning("cannot restore the Ray experiment %s: %s; starting a new one", latest[1], reason)
-            _write_experiment_info(exp_root, {**latest[2], "done": True, "abandoned": reason})
-            latest = (latest[0], latest[1], {**latest[2], "done": True})
-            restore = False
-    if not restore:
-        recover_interrupted(study, store)  # RUNNING trials of a search that left nothing to restore
-        _enqueue_warm_start(study, space, study_dir)
-        remaining = target - finished_trials(study)
-        if remaining <= 0:
-            return False
+    @property
+    def exp_root(self) -> Path:
+        return self.study_dir / RAY_DIR
 
-    from ..tracking import open_study_tracker
+    def run_experiment(self, on_start: Callable[[optuna.Study, int], None] | None) -> bool:
+        """One Tune experiment (restored or new), this process being the study's only driver; True when another
+        experiment must follow."""
+        space, study_dir, study, store, exp_root = self.space, self.study_dir, self.study, self.store, self.exp_root
 
-    tracker = open_study_tracker(tracking or space.tracking, space, study_dir)  # a missing extra: before Ray starts
-    if on_start is not None:
-        on_start(study, target)
-    owns = completed = False
-    try:
-        owns = init_ray(address or space.ray.address, **_quiet_ray(verbose))
-        trainable = _make_trainable(space, study_dir)
+        from ray import tune  # reading the experiment folder needs no running Ray
+
+        experiments = _experiments(exp_root)
+        latest = experiments[-1] if experiments else None
+        restore = bool(latest and not latest[2].get("done") and tune.Tuner.can_restore(str(exp_root / latest[1])))
         if restore:
             assert latest is not None
-            _index, name, info = latest
-            tuner = _restore_tuner(space, exp_root, name, trainable)
-        else:
-            index = latest[0] + 1 if latest else 1
-            name = space.study.name if index == 1 else f"{space.study.name}-{index}"
-            info = {"index": index, "name": name, "num_samples": remaining, "done": False}
-            _write_experiment_info(exp_root, info)
-            tuner = _make_tuner(space, study_dir, url, name, remaining, trainable, verbose=verbose)
-        results = _fit(tuner, space, study_dir, tracker)
-        completed = _fit_completed(results)
-        if completed:
-            _write_experiment_info(exp_root, {**info, "done": True})
-            _fail_orphans(study, store)
-    finally:
-        if tracker is not None:
-            tracker.close()
-        if owns:
-            import ray
+            reason = unrestorable_reason(exp_root / latest[1])
+            if reason is not None:
+                # The trials it was running are failed as interrupted and queued again by recover_interrupted below.
+                logger.warning("cannot restore the Ray experiment %s: %s; starting a new one", latest[1], reason)
+                _write_experiment_info(exp_root, {**latest[2], "done": True, "abandoned": reason})
+                latest = (latest[0], latest[1], {**latest[2], "done": True})
+                restore = False
+        if not restore:
+            recover_interrupted(study, store)  # RUNNING trials of a search that left nothing to restore
+            _enqueue_warm_start(study, space, study_dir)
+            remaining = self.target - finished_trials(study)
+            if remaining <= 0:
+                return False
 
-            ray.shutdown()
-    # A driver killed between two of Tune's experiment snapshots can leave an experiment that restores fewer
-    # trials than it owed; the experiment is now done, so a new one runs the missing trials.
-    return restore and completed and finished_trials(study) < target
+        from ..tracking import open_study_tracker
+
+        # A tracker whose extra is missing fails here, before Ray starts.
+        tracker = open_study_tracker(self.tracking or space.tracking, space, study_dir)
+        if on_start is not None:
+            on_start(study, self.target)
+        owns = completed = False
+        try:
+            owns = init_ray(self.address or space.ray.address, **_quiet_ray(self.verbose))
+            trainable = _make_trainable(space, study_dir)
+            if restore:
+                assert latest is not None
+                _index, name, info = latest
+                tuner = _restore_tuner(space, exp_root, name, trainable)
+            else:
+                index = latest[0] + 1 if latest else 1
+                name = space.study.name if index == 1 else f"{space.study.name}-{index}"
+                info = {"index": index, "name": name, "num_samples": remaining, "done": False}
+                _write_experiment_info(exp_root, info)
+                tuner = _make_tuner(space, study_dir, self.url, name, remaining, trainable, verbose=self.verbose)
+            results = _fit(tuner, space, study_dir, tracker)
+            completed = _fit_completed(results)
+            if completed:
+                _write_experiment_info(exp_root, {**info, "done": True})
+                _fail_orphans(study, store)
+        finally:
+            if tracker is not None:
+                tracker.close()
+            if owns:
+                import ray
+
+                ray.shutdown()
+        # A driver killed between two of Tune's experiment snapshots can leave an experiment that restores fewer
+        # trials than it owed; the experiment is now done, so a new one runs the missing trials.
+        return restore and completed and finished_trials(study) < self.target
