@@ -477,11 +477,82 @@ def test_a_continued_ray_study_draws_new_points(ray_session: None, tmp_path: Pat
     )
     study_dir = run_ray_search(load_space(path), root=tmp_path / "runs")
     first = [t.params["train.learning_rate"] for t in load_study(study_dir)[0].trials]
-    run_ray_search(load_space(path), root=tmp_path / "runs", n_trials=6)
+    orphans: list[int] = []
+
+    def orphan(study: optuna.Study, target: int) -> None:
+        """A trial asked by a driver that died before Tune recorded it: RUNNING, and no Ray trial will end it."""
+        orphans.append(study.ask().number)
+
+    run_ray_search(load_space(path), root=tmp_path / "runs", n_trials=6, on_start=orphan)
     study = load_study(study_dir)[0]
-    rates = [t.params["train.learning_rate"] for t in study.trials]
+    left = study.trials[orphans[0]]
+    assert left.state == State.FAIL and left.user_attrs["status"] == "interrupted"  # not left RUNNING
+    rates = [t.params["train.learning_rate"] for t in study.trials if t.number != left.number]
     assert len(rates) == 6 and len(set(rates)) == 6 and set(first) <= set(rates)
-    assert all(t.state == State.COMPLETE for t in study.trials)
+    assert all(t.state == State.COMPLETE for t in study.trials if t.number != left.number)
+
+
+def test_a_trial_that_raises_fails_and_the_experiment_still_ends(ray_session: None, tmp_path: Path) -> None:
+    """A trial whose training raises (here: a torn image file in the worker) ends as a Ray ERROR, FAIL in Optuna,
+    and the experiment it ran in counts as ended."""
+    data = tmp_path / "mnist"
+    data.mkdir()
+    embedded = ROOT / "nvae_search" / "datasets" / "mnist"
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        shutil.copyfile(embedded / name, data / name)
+    (data / "torn-images-idx3-ubyte.gz").write_bytes((embedded / "train-images-idx3-ubyte.gz").read_bytes()[:4096])
+    files = ["train-images-idx3-ubyte.gz", "torn-images-idx3-ubyte.gz"]
+    path = write_space(
+        tmp_path,
+        "raises",
+        {
+            "data.dataset": {"type": "fixed", "value": "idx"},
+            "data.root": {"type": "fixed", "value": str(data)},
+            "data.train_images": {"type": "categorical", "choices": files},
+        },
+        2,
+        steps=2,
+        every=2,
+        ray={"max_concurrent": 1, "max_failures": 0, "scheduler": {"type": "none"}},
+        study={"enqueue": [{"data.train_images": name} for name in files]},
+    )
+    study_dir = run_ray_search(load_space(path), root=tmp_path / "runs")
+    study = load_study(study_dir)[0]
+    by_file = {t.params["data.train_images"]: t for t in study.trials}
+    assert by_file[files[0]].state == State.COMPLETE and by_file[files[1]].state == State.FAIL
+    assert json.loads((study_dir / "ray" / "raises.nvae.json").read_text())["done"]
+    # Running the command again finds the study complete (a failed trial counts, as in Optuna): the ended
+    # experiment is not restored, so Tune does not start the trial that raised again.
+    run_ray_search(load_space(path), root=tmp_path / "runs")
+    assert len(load_study(study_dir)[0].trials) == 2
+    attempts = Path(by_file[files[1]].user_attrs["run_dir"]) / ATTEMPTS_LOG
+    assert len(attempts.read_text().splitlines()) == 1
+
+
+def test_a_restored_experiment_that_ran_fewer_trials_than_owed_is_followed_by_a_new_one(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """A driver killed between two of Tune's snapshots can leave an experiment that restores with fewer trials than
+    the study still owes. Here: an experiment of 2 trials that ended, its end not recorded (the driver killed
+    right after the fit), re-run for 3 trials: Tune restores it (nothing left to run), then a new experiment runs
+    the third trial."""
+    path = write_space(
+        tmp_path,
+        "owed",
+        {"train.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
+        2,
+        steps=2,
+        every=2,
+        ray={"max_concurrent": 2, "scheduler": {"type": "none"}},
+    )
+    study_dir = run_ray_search(load_space(path), root=tmp_path / "runs")
+    info_file = study_dir / "ray" / "owed.nvae.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "done": False}))
+    run_ray_search(load_space(path), root=tmp_path / "runs", n_trials=3)
+    study = load_study(study_dir)[0]
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 3
+    assert json.loads(info_file.read_text())["done"]  # restored, then recorded as ended
+    assert json.loads((study_dir / "ray" / "owed-2.nvae.json").read_text())["num_samples"] == 1
 
 
 @pytest.mark.parametrize(
