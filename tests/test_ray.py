@@ -688,3 +688,26 @@ def test_a_ray_trial_takes_the_threads_of_the_cpus_it_reserved(
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "300"), ("2", "300"), ("900", "900")])
+def test_a_ray_worker_gives_a_stopped_trial_time_to_finish_before_reusing_its_actor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str | None, expected: str
+) -> None:
+    """Tune waits ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` (2 s by default) for a stopped trial to end before it gives the
+    actor the next trial; a trial writing its final checkpoint needs longer, so workers raise it to at least 300 s
+    and keep a longer one the user set."""
+    space = load_space(
+        write_space(tmp_path, "grace", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2,
+                    ray={})
+    )  # fmt: skip
+    if given is None:
+        monkeypatch.delenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", raising=False)
+    else:
+        monkeypatch.setenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", given)
+    previous = torch.get_num_threads()
+    try:
+        prepare_worker(space)
+    finally:
+        torch.set_num_threads(previous)
+    assert os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] == expected
