@@ -64,6 +64,19 @@ def write_space(
     return path
 
 
+def learning_rate_space(tmp_path: Path, name: str, n_trials: int) -> Path:
+    """A search over the learning rate alone, two trials at a time, 2 steps each."""
+    return write_space(
+        tmp_path,
+        name,
+        {"train.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
+        n_trials,
+        steps=2,
+        every=2,
+        ray={"max_concurrent": 2, "scheduler": {"type": "none"}},
+    )
+
+
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
@@ -466,15 +479,7 @@ def test_an_experiment_folder_missing_or_truncating_a_file_tune_restores_from_is
 
 # ------------------------------------------------------------------------------------------ resume / address
 def test_a_continued_ray_study_draws_new_points(ray_session: None, tmp_path: Path) -> None:
-    path = write_space(
-        tmp_path,
-        "again",
-        {"train.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
-        3,
-        steps=2,
-        every=2,
-        ray={"max_concurrent": 2, "scheduler": {"type": "none"}},
-    )
+    path = learning_rate_space(tmp_path, "again", 3)
     study_dir = run_ray_search(load_space(path), root=tmp_path / "runs")
     first = [t.params["train.learning_rate"] for t in load_study(study_dir)[0].trials]
     orphans: list[int] = []
@@ -536,15 +541,7 @@ def test_a_restored_experiment_that_ran_fewer_trials_than_owed_is_followed_by_a_
     the study still owes. Here: an experiment of 2 trials that ended, its end not recorded (the driver killed
     right after the fit), re-run for 3 trials: Tune restores it (nothing left to run), then a new experiment runs
     the third trial."""
-    path = write_space(
-        tmp_path,
-        "owed",
-        {"train.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
-        2,
-        steps=2,
-        every=2,
-        ray={"max_concurrent": 2, "scheduler": {"type": "none"}},
-    )
+    path = learning_rate_space(tmp_path, "owed", 2)
     study_dir = run_ray_search(load_space(path), root=tmp_path / "runs")
     info_file = study_dir / "ray" / "owed.nvae.json"
     info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "done": False}))
