@@ -415,9 +415,14 @@ def spawn_args(out: Path, workers: int, **kwargs: Any) -> dict[str, Any]:
     # Named by the worker's own signature (the starter passes the rank first), so a reordered argument list still
     # reads each value under its name.
     given = inspect.signature(distributed._worker).bind(0, *caught.value.args_).arguments
-    keys = {"world": "world", "backend": "backend", "device_kind": "device", "out_dir": "out"}
-    keys |= {"resume": "resume", "threads": "threads"}
-    return {key: given[name] for name, key in keys.items()}
+    return {
+        "world": given["world"],
+        "backend": given["backend"],
+        "device": given["device_kind"],
+        "out": given["out_dir"],
+        "resume": given["resume"],
+        "threads": given["threads"],
+    }
 
 
 def test_what_data_parallel_hands_its_workers(tmp_path: Path, no_spawn: None, monkeypatch: pytest.MonkeyPatch) -> None:

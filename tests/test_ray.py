@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,12 @@ def write_space(
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def one_trial_space(tmp_path: Path, name: str, **ray: Any) -> Path:
+    """One trial at a fixed learning rate, 2 steps: for what happens around a search rather than in it."""
+    lr = {"train.learning_rate": {"type": "fixed", "value": 0.01}}
+    return write_space(tmp_path, name, lr, 1, steps=2, every=2, ray=ray)
 
 
 def learning_rate_space(tmp_path: Path, name: str, n_trials: int) -> Path:
@@ -245,9 +252,7 @@ def test_an_unfinished_experiment_of_an_older_version_is_a_clear_error(ray_sessi
     versions) cannot be restored: one error naming the experiment and the way on, no traceback from pickle."""
     from nvae_search.config_io import ConfigError
 
-    path = write_space(
-        tmp_path, "older", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
-    )
+    path = one_trial_space(tmp_path, "older")
     ray_dir = tmp_path / "runs" / "older" / "ray"
     (ray_dir / "older").mkdir(parents=True)
     (ray_dir / "older.nvae.json").write_text(json.dumps({"index": 1, "name": "older", "done": False}))
@@ -502,7 +507,7 @@ def test_a_trial_that_raises_fails_and_the_experiment_still_ends(ray_session: No
     and the experiment it ran in counts as ended."""
     data = tmp_path / "mnist"
     data.mkdir()
-    embedded = ROOT / "nvae_search" / "datasets" / "mnist"
+    embedded = Path(str(resources.files("nvae_search.datasets.mnist")))  # the copy the package ships
     for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
         shutil.copyfile(embedded / name, data / name)
     (data / "torn-images-idx3-ubyte.gz").write_bytes((embedded / "train-images-idx3-ubyte.gz").read_bytes()[:4096])
@@ -599,9 +604,7 @@ def test_search_address_option_is_passed_to_ray(tmp_path: Path, ray_starts: list
 
     from nvae_search.cli import app
 
-    path = write_space(
-        tmp_path, "addr", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
-    )
+    path = one_trial_space(tmp_path, "addr")
     root = ["--root", str(tmp_path / "runs"), "--backend", "ray", "-q"]
     result = CliRunner().invoke(app, ["search", str(path), *root, "--address", "10.0.0.5:6379"])
     assert isinstance(result.exception, RayStarting)
@@ -623,9 +626,7 @@ def test_a_second_driver_on_a_study_is_refused_until_the_first_has_ended(
     from nvae_search.cli import app
     from nvae_search.search import ray_backend
 
-    path = write_space(
-        tmp_path, "one", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2, ray={}
-    )
+    path = one_trial_space(tmp_path, "one")
     command = ["search", str(path), "--root", str(tmp_path / "runs"), "--backend", "ray", "-q"]
     lock = tmp_path / "runs" / "one" / "ray" / ray_backend.DRIVER_LOCK
     lock.parent.mkdir(parents=True)
@@ -668,15 +669,7 @@ def test_a_ray_trial_takes_the_threads_of_the_cpus_it_reserved(
     tmp_path: Path, cpu: float, workers: int, threads: int
 ) -> None:
     space = load_space(
-        write_space(
-            tmp_path,
-            "threads",
-            {"train.learning_rate": {"type": "fixed", "value": 0.01}},
-            1,
-            steps=2,
-            every=2,
-            ray={"resources_per_trial": {"cpu": cpu}, "workers_per_trial": workers},
-        )
+        one_trial_space(tmp_path, "threads", resources_per_trial={"cpu": cpu}, workers_per_trial=workers)
     )
     previous = torch.get_num_threads()
     try:
@@ -694,10 +687,7 @@ def test_a_ray_worker_gives_a_stopped_trial_time_to_finish_before_reusing_its_ac
     """Tune waits ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` (2 s by default) for a stopped trial to end before it gives the
     actor the next trial; a trial writing its final checkpoint needs longer, so workers raise it to at least 300 s
     and keep a longer one the user set."""
-    space = load_space(
-        write_space(tmp_path, "grace", {"train.learning_rate": {"type": "fixed", "value": 0.01}}, 1, steps=2, every=2,
-                    ray={})
-    )  # fmt: skip
+    space = load_space(one_trial_space(tmp_path, "grace"))
     if given is None:
         monkeypatch.delenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", raising=False)
     else:

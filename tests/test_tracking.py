@@ -156,14 +156,14 @@ def _wandb_run(run_dir: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def wandb_offline(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(in_tmp / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(in_tmp / "wandb-cache"))
     yield in_tmp
     # One command is one process in real use; here the next test must not reuse this test's W&B service.
-    wandb.teardown()
+    end_of_command()
 
 
 def end_of_command() -> None:
