@@ -557,6 +557,35 @@ def test_a_restored_experiment_that_ran_fewer_trials_than_owed_is_followed_by_a_
     assert json.loads((study_dir / "ray" / "owed-2.nvae.json").read_text())["num_samples"] == 1
 
 
+def test_a_finished_experiment_whose_end_was_never_recorded_is_restored_once_per_command(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop of experiments must make progress even when an experiment's "done" mark is lost for good: a
+    restored experiment that completes has ended, so the driver does not restore it again (it did, for ever)."""
+    from nvae_search.search import ray_backend
+
+    write_info, restore_tuner = ray_backend._write_experiment_info, ray_backend._restore_tuner
+    restored: list[str] = []
+
+    def lose_done_marks(exp_root: Path, info: dict[str, Any]) -> None:
+        write_info(exp_root, {**info, "done": False} if "abandoned" not in info else info)
+
+    def restore_once(space: Any, exp_root: Path, name: str, trainable: Any) -> Any:
+        assert name not in restored, f"{name} restored a second time by one command"
+        restored.append(name)
+        return restore_tuner(space, exp_root, name, trainable)
+
+    monkeypatch.setattr(ray_backend, "_write_experiment_info", lose_done_marks)
+    monkeypatch.setattr(ray_backend, "_restore_tuner", restore_once)
+    path = learning_rate_space(tmp_path, "lost", 2)
+    study_dir = run_ray_search(load_space(path), root=tmp_path / "runs")
+    assert restored == []
+    run_ray_search(load_space(path), root=tmp_path / "runs", n_trials=3)
+    assert restored == ["lost"]
+    assert [t.state for t in load_study(study_dir)[0].trials] == [State.COMPLETE] * 3
+    assert json.loads((study_dir / "ray" / "lost-2.nvae.json").read_text())["num_samples"] == 1
+
+
 @pytest.mark.parametrize(
     ("address", "expected"),
     [

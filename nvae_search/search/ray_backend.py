@@ -366,30 +366,40 @@ class _Driver:
     address: str | None
     verbose: bool
     tracking: TrackingConfig | None
+    # Experiments this call restored. One is never restored twice: a restored experiment that completes has ended,
+    # whatever its info file says, so the loop of experiments always makes progress (a lost "done" mark would
+    # otherwise restore the same finished experiment for ever).
+    restored: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def exp_root(self) -> Path:
         return self.study_dir / RAY_DIR
 
+    def latest_experiment(self) -> tuple[tuple[int, str, dict[str, Any]] | None, bool]:
+        """The study's newest Tune experiment (index, name, info) and whether to restore it: not done, not restored
+        before by this call, and every file Tune restores from there and whole (else it is recorded as abandoned)."""
+        from ray import tune  # reading the experiment folder needs no running Ray
+
+        experiments = _experiments(self.exp_root)
+        if not experiments:
+            return None, False
+        latest = experiments[-1]
+        _index, name, info = latest
+        if info.get("done") or name in self.restored or not tune.Tuner.can_restore(str(self.exp_root / name)):
+            return latest, False
+        reason = unrestorable_reason(self.exp_root / name)
+        if reason is None:
+            return latest, True
+        # The trials it was running are failed as interrupted and queued again by recover_interrupted.
+        logger.warning("cannot restore the Ray experiment %s: %s; starting a new one", name, reason)
+        _write_experiment_info(self.exp_root, {**info, "done": True, "abandoned": reason})
+        return latest, False
+
     def run_experiment(self, on_start: Callable[[optuna.Study, int], None] | None) -> bool:
         """One Tune experiment (restored or new), this process being the study's only driver; True when another
         experiment must follow."""
         space, study_dir, study, store, exp_root = self.space, self.study_dir, self.study, self.store, self.exp_root
-
-        from ray import tune  # reading the experiment folder needs no running Ray
-
-        experiments = _experiments(exp_root)
-        latest = experiments[-1] if experiments else None
-        restore = bool(latest and not latest[2].get("done") and tune.Tuner.can_restore(str(exp_root / latest[1])))
-        if restore:
-            assert latest is not None
-            reason = unrestorable_reason(exp_root / latest[1])
-            if reason is not None:
-                # The trials it was running are failed as interrupted and queued again by recover_interrupted below.
-                logger.warning("cannot restore the Ray experiment %s: %s; starting a new one", latest[1], reason)
-                _write_experiment_info(exp_root, {**latest[2], "done": True, "abandoned": reason})
-                latest = (latest[0], latest[1], {**latest[2], "done": True})
-                restore = False
+        latest, restore = self.latest_experiment()
         if not restore:
             recover_interrupted(study, store)  # RUNNING trials of a search that left nothing to restore
             _enqueue_warm_start(study, space, study_dir)
@@ -410,6 +420,7 @@ class _Driver:
             if restore:
                 assert latest is not None
                 _index, name, info = latest
+                self.restored.add(name)
                 tuner = _restore_tuner(space, exp_root, name, trainable)
             else:
                 index = latest[0] + 1 if latest else 1
