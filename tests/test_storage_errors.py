@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from nvae_search.cli import app
 from nvae_search.search.runner import load_study
+from nvae_search.search.storage import repair_journal_tail
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "cpu" / "tiny.yaml"
@@ -143,3 +144,33 @@ def test_a_torn_journal_tail_is_moved_aside_and_the_search_continues(tmp_path: P
     assert backup.read_bytes() == torn and journal.read_bytes().endswith(b"\n")
     assert "torn record" in flat(result.output) and str(backup) in flat(result.output)
     assert len(load_study(tmp_path / "runs" / "st")[0].trials) == 2
+
+
+RECORD = b'{"op_code": 0, "worker_id": "w", "study_name": "st", "directions": [1]}\n'
+LONG_TORN = b'{"op_code": 5, "user_attr": "' + b"x" * (1 << 20)  # a record cut after more than 1 MiB
+
+
+@pytest.mark.parametrize(
+    ("content", "kept", "moved"),
+    [
+        (RECORD * 2, RECORD * 2, None),  # intact: no backup, no warning
+        (RECORD + b'{"op_code": 5, "tri', RECORD, b'{"op_code": 5, "tri'),
+        (b'{"op_code": 0, "work', b"", b'{"op_code": 0, "work'),  # the first record itself torn
+        (RECORD + LONG_TORN, RECORD + LONG_TORN, None),  # no newline in the last MiB: left to Optuna
+    ],
+    ids=["intact", "torn-tail", "torn-first-record", "tail-over-1-MiB"],
+)
+def test_a_journal_loses_exactly_its_torn_tail_and_an_intact_one_is_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, kept: bytes, moved: bytes | None
+) -> None:
+    journal = tmp_path / "study.journal"
+    journal.write_bytes(content)
+    backup = repair_journal_tail(journal)
+    assert journal.read_bytes() == kept
+    backups = list(tmp_path.glob("study.journal.torn-*"))
+    warning = capsys.readouterr().err
+    if moved is None:
+        assert backup is None and backups == [] and warning == ""
+    else:
+        assert backups == [backup] and backup.read_bytes() == moved
+        assert "torn record" in warning and f"({len(moved)} bytes without a newline)" in warning
