@@ -8,10 +8,15 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import optuna
+import pytest
 
+from nvae_search.search.runner import recover_interrupted
+from nvae_search.search.storage import workers_lock
 from nvae_search.search.workers import GRACE_S, Heartbeat, current_owner, is_stale, process_alive, process_start
 
 NOW = 1_000_000.0
@@ -93,3 +98,62 @@ def test_a_heartbeat_keeps_its_trial_fresh_while_it_runs() -> None:
         time.sleep(0.2)
     assert study.trials[0].user_attrs["heartbeat"] > claimed  # refreshed by the thread, not only at the claim
     study.tell(trial, 1.0)
+
+
+def asked_study() -> tuple[optuna.Study, optuna.storages.InMemoryStorage, optuna.Trial]:
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage)
+    return study, storage, study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+
+
+def test_a_stale_trial_is_failed_as_interrupted_and_its_point_run_again_once() -> None:
+    study, storage, trial = asked_study()
+    assert recover_interrupted(study, storage, unowned_are_stale=True) == 1
+    failed, retry = study.get_trials(deepcopy=False)
+    assert failed.state == optuna.trial.TrialState.FAIL and failed.user_attrs["interrupted"] is True
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.user_attrs["retry_of"] == trial.number
+    again = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})  # the next worker takes the retry
+    assert again.number == retry.number and again.params == failed.params
+    # The retry's worker dies too: it is failed as interrupted, but not queued a third time.
+    assert recover_interrupted(study, storage, unowned_are_stale=True) == 1
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.FAIL]
+
+
+def test_a_trial_its_owner_finishes_after_the_stale_check_is_neither_failed_nor_queued_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers race: one finds the trial stale in its list of RUNNING trials, the owner tells it before the
+    first marks it; the finished result stands and its point is not run a second time."""
+    study, storage, trial = asked_study()
+    listed = study.get_trials
+
+    def list_then_owner_finishes(*args: object, **kwargs: object) -> list[optuna.trial.FrozenTrial]:
+        trials = listed(*args, **kwargs)
+        if trial.number not in {t.number for t in listed(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}:
+            study.tell(trial, 0.5)
+        return trials
+
+    monkeypatch.setattr(study, "get_trials", list_then_owner_finishes)
+    assert recover_interrupted(study, storage, unowned_are_stale=True) == 0
+    (finished,) = listed(deepcopy=False)
+    assert finished.state == optuna.trial.TrialState.COMPLETE and finished.value == 0.5
+    assert "interrupted" not in finished.user_attrs
+
+
+def test_the_workers_lock_lets_one_worker_at_a_time_count_and_ask(tmp_path: Path) -> None:
+    """N workers never start more than n_trials between them because "count, then ask" is done under this lock;
+    a second worker (here a thread with its own file handle, as another process has) waits for the first."""
+    url = f"journal:{tmp_path / 'study.journal'}"
+    entered = threading.Event()
+
+    def second_worker() -> None:
+        with workers_lock(url):
+            entered.set()
+
+    with workers_lock(url):
+        other = threading.Thread(target=second_worker)
+        other.start()
+        assert not entered.wait(0.5)  # held by the first: the second waits
+    assert entered.wait(10)
+    other.join()
