@@ -166,6 +166,64 @@ def test_sigkill_mid_trial_then_rerun_completes_without_lost_or_duplicated_trial
     assert len({t.user_attrs["run_dir"] for t in counted}) == 3
 
 
+# The real `search` command, in a process that sends itself SIGNAL at its first report at step >= 4 of its first
+# trial: as a Ctrl-C or a scheduler's SIGTERM arrives while a trial trains.
+_SIGNALLED_CLI = """
+import os, signal, sys
+from nvae_search.cli import app
+from nvae_search.search import runner
+
+real_run_trial, started = runner.run_trial, []
+
+def run_trial(space, values, run_dir, report=None, resume=False):
+    started.append(run_dir)
+
+    def signalled_report(step, metrics):
+        if len(started) == 1 and step >= 4 and not os.environ.get("SIGNALLED"):
+            os.environ["SIGNALLED"] = "1"
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        return report(step, metrics)
+
+    return real_run_trial(space, values, run_dir, signalled_report, resume)
+
+runner.run_trial = run_trial
+app(["search", *sys.argv[2:], "--quiet"])
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_trial_stops_the_search_and_the_trial_runs_again_not_as_pruned(
+    tmp_path: Path, signal_name: str
+) -> None:
+    """The trainer checkpoints and stops on SIGINT/SIGTERM. A search trial stopped so was recorded as PRUNED (a
+    counted result, its point lost) and the search went on to the next trial, ignoring the signal."""
+    path = write_space(tmp_path, "signalled", LR, 1, steps=8)
+    root = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    command = [sys.executable, "-c", _SIGNALLED_CLI, signal_name, str(path), "--root", str(root)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "search stopped" in proc.stdout and f"interrupted by {signal_name} at step" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    study = load_study(root / "signalled")[0]
+    stopped, retry = study.trials
+    assert stopped.state == State.FAIL and stopped.user_attrs["status"] == "interrupted"
+    assert stopped.user_attrs["interrupted"] is True and "steps" not in stopped.user_attrs  # no outcome recorded
+    assert json.loads((Path(stopped.user_attrs["run_dir"]) / "summary.json").read_text())["status"] == "stopped"
+    assert retry.state == State.WAITING and retry.user_attrs["retry_of"] == stopped.number
+    # Running the command again trains the interrupted point, and the study then holds its one counted trial.
+    again = subprocess.run(
+        [sys.executable, "-m", "nvae_search", "search", str(path), "--root", str(root), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert again.returncode == 0, again.stderr
+    stopped, retry = load_study(root / "signalled")[0].trials
+    assert retry.state == State.COMPLETE and retry.params == stopped.params and retry.user_attrs["steps"] == 8
+
+
 def test_a_continued_study_draws_new_points(tmp_path: Path) -> None:
     path = write_space(tmp_path, "resumed", LR, 3, steps=2)
     root = tmp_path / "runs"

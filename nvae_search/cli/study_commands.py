@@ -74,8 +74,18 @@ def search(
         fail_config(err)
     except _user_errors() as err:
         fail_user(err)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a trial (TrialInterrupted); exit 0 as `train` does
+        interrupted = str(err) or "Ctrl-C"
+    else:
+        interrupted = None
     finally:
         view.stop()
+    if interrupted is not None:
+        console.print(
+            f"[yellow]search stopped[/] ({interrupted}): a trial it was training is failed as interrupted, not "
+            "counted, and runs again from its start; run the same command to continue the study"
+        )
+        return
     console.print(f"search finished in {time.perf_counter() - start:.0f} s; study directory: [bold]{study_dir}[/]")
     console.print(f"next: nvae-search report {study_dir}")
     typer.echo(str(study_dir))

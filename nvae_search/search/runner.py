@@ -26,7 +26,14 @@ from ..tracking import study_tracking
 from .instability import with_instability
 from .seeds import run_configuration
 from .storage import check_storage, fail_as_interrupted, open_storage, resolve_storage_url, workers_lock
-from .trial import STUDY_FILE, InvalidCombination, TrialDiverged, TrialOutcome, outcome_from_summary
+from .trial import (
+    STUDY_FILE,
+    InvalidCombination,
+    TrialDiverged,
+    TrialInterrupted,
+    TrialOutcome,
+    outcome_from_summary,
+)
 from .trial import load_study as load_study  # where callers of the Optuna backend have always found it
 
 if TYPE_CHECKING:
@@ -46,7 +53,8 @@ def run_trial(
     resume: bool = False,
 ) -> TrialOutcome:
     """Train one configuration into ``run_dir``. ``report(step, metrics)`` returning True stops it as pruned; so
-    does the study's instability pruner (the outcome's cause then says why)."""
+    does the study's instability pruner (the outcome's cause then says why). A search trial (one with ``report``)
+    that a signal stops raises :class:`TrialInterrupted`: it was not pruned; seed repeats return it as stopped."""
     from ..train import train
 
     start = time.perf_counter()
@@ -55,7 +63,18 @@ def run_trial(
     atomic_write_text(run_dir / "params.json", json.dumps(dict(values), indent=2, default=str))
     # a search trial (one with a reporter) also answers to the instability pruner; seed repeats run to their end
     reporter, instability = with_instability(space, report) if report is not None else (None, lambda: None)
-    summary = train(quiet, run_dir, resume=resume, reporter=reporter)
+    asked_to_stop: list[int] = []
+
+    def noting_stops(step: int, metrics: dict[str, Any]) -> bool:
+        assert reporter is not None
+        stop = reporter(step, metrics)
+        if stop:
+            asked_to_stop.append(step)
+        return stop
+
+    summary = train(quiet, run_dir, resume=resume, reporter=noting_stops if reporter is not None else None)
+    if report is not None and summary.status == TrialStatus.STOPPED and not asked_to_stop:
+        raise TrialInterrupted(summary.cause or "stopped", summary.steps)
     outcome = outcome_from_summary(space, summary, values, time.perf_counter() - start)
     if outcome.status == TrialStatus.STOPPED and instability():
         outcome.cause = instability()
@@ -254,7 +273,7 @@ def optuna_log_file(study_dir: Path) -> Iterator[None]:
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], Any]) -> None:
     """Run the objective on an asked trial and tell its outcome, as ``study.optimize`` would; a trial that this
-    process is stopped in (Ctrl-C) is left as interrupted and queued again."""
+    process is stopped in (Ctrl-C, SIGTERM: :class:`TrialInterrupted`) is left as interrupted and queued again."""
     import optuna
 
     state, values = optuna.trial.TrialState.COMPLETE, None

@@ -30,6 +30,7 @@ __all__ = [
     "STUDY_FILE",
     "InvalidCombination",
     "TrialDiverged",
+    "TrialInterrupted",
     "TrialOutcome",
     "TrialStatus",
     "config_id",
@@ -42,6 +43,16 @@ STUDY_FILE = "study.json"
 
 class TrialDiverged(Exception):
     """A trial whose training diverged: Optuna records it as FAIL (never as a NaN value) and the study goes on."""
+
+
+class TrialInterrupted(KeyboardInterrupt):
+    """The worker was told to stop (SIGINT, SIGTERM) while it trained a trial: the run checkpointed and stopped.
+    Not the trial's outcome: it is failed as interrupted (not counted) and its point queued again, and the search
+    ends as after a Ctrl-C (a KeyboardInterrupt, so no ``except Exception`` on the way swallows it)."""
+
+    def __init__(self, cause: str, step: int) -> None:
+        super().__init__(f"{cause} at step {step}")
+        self.cause, self.step = cause, step
 
 
 class InvalidCombination(Exception):
