@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -303,6 +304,33 @@ def test_a_worker_killed_mid_trial_is_replaced_by_a_live_one(tmp_path: Path) -> 
     assert {t.user_attrs["owner"]["pid"] for t in counted} == {live.pid}
     (retry,) = [t for t in counted if t.user_attrs.get("retry_of") == lost.number]
     assert retry.params == lost.params and len(set(learning_rates(study))) == 3
+
+
+def test_a_trial_another_worker_took_over_is_dropped_and_the_search_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker cut off from the storage for the grace period has its trial failed as stale and re-queued by
+    another worker; when it comes back and finishes, its late result is dropped (a warning) and it goes on."""
+    from nvae_search.search import runner
+    from nvae_search.search.storage import fail_as_interrupted, open_storage
+
+    real_run_trial, started = runner.run_trial, []
+
+    def run_trial(space: Any, values: Any, run_dir: Path, report: Any = None, resume: bool = False) -> Any:
+        started.append(run_dir)
+        if len(started) == 1:  # what another worker's recover_interrupted does to it meanwhile
+            study, _space, info = load_study(tmp_path / "runs" / "taken")
+            assert fail_as_interrupted(study, open_storage(info["storage"]), 0)
+            study.enqueue_trial(dict(values), user_attrs={"retry_of": 0})
+        return real_run_trial(space, values, run_dir, report, resume)
+
+    monkeypatch.setattr(runner, "run_trial", run_trial)
+    path = write_space(tmp_path, "taken", LR, 2, steps=2)
+    study = load_study(run_optuna_search(load_space(path), root=tmp_path / "runs"))[0]
+    taken, retry, other = study.trials
+    assert taken.state == State.FAIL and taken.user_attrs["status"] == "interrupted" and taken.value is None
+    assert retry.state == State.COMPLETE and retry.user_attrs["retry_of"] == 0 and retry.params == taken.params
+    assert other.state == State.COMPLETE and len(started) == 3
 
 
 def test_the_study_time_budget_stops_starting_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
