@@ -223,6 +223,41 @@ def test_both_backends_record_exploded_as_failed_and_collapsed_with_its_value(
     assert report.rows[0]["trial"] == collapsed.number  # a collapsed run keeps its place by value
 
 
+@pytest.mark.parametrize("backend", ["optuna", "ray"])
+def test_both_backends_record_a_raised_divergence_as_diverged_at_its_step_and_go_on(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """`train.nonfinite: raise` makes training raise at the first non-finite loss. In a search that is the trial's
+    outcome (diverged, at the step a `stop` policy names); the Optuna backend let it end the whole search."""
+    lrs = [1000.0, 0.01]
+    doc: dict[str, Any] = {
+        "base_recipe": str(TINY),
+        "study": {
+            "name": f"raised_{backend}",
+            "n_trials": 2,
+            "seed": 0,
+            "enqueue": [{"train.learning_rate": lr} for lr in lrs],
+        },
+        "budget": {"steps": 6, "eval_iw_samples": 2, "eval_images": 8, "report_every_steps": 2},
+        "sampler": {"type": "random"},
+        "pruner": {"type": "none"},
+        "space": {
+            "train.learning_rate": {"type": "categorical", "choices": lrs},
+            "train.nonfinite": {"type": "fixed", "value": "raise"},
+        },
+        **(
+            {"ray": {"max_concurrent": 1, "max_failures": 0, "scheduler": {"type": "none"}}} if backend == "ray" else {}
+        ),
+    }
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    _study_dir, by_lr = trials_by_learning_rate(load_space(tmp_path / "space.yaml"), backend, tmp_path, request)
+    diverged, healthy = by_lr[1000.0], by_lr[0.01]
+    assert diverged.state == State.FAIL and diverged.user_attrs["status"] == "diverged"
+    step = diverged.user_attrs["diverged_step"]
+    assert 1 <= step <= 6 and diverged.user_attrs["cause"] == f"non-finite loss at step {step}"
+    assert healthy.state == State.COMPLETE and healthy.user_attrs["status"] in WITH_VALUE
+
+
 # ---------------------------------------------------------------------------------------------- the report
 def test_wilson_interval_of_small_seed_counts() -> None:
     assert wilson_interval(0, 0) is None

@@ -261,8 +261,10 @@ def test_divergence_ends_the_run_with_step_and_cause(tmp_path: Path, overrides: 
 
 def test_divergence_policies_raise_and_skip(tmp_path: Path) -> None:
     base = {"train.steps": 40, "train.warmup_epochs": 0, "train.eval_at_end": False, "train.learning_rate": 1e3}
-    with pytest.raises(TrainingDiverged):
+    with pytest.raises(TrainingDiverged) as raised:
         train(tiny(**base, **{"train.nonfinite": "raise"}), tmp_path / "raise")
+    stopped = train(tiny(**base, **{"train.nonfinite": "stop"}), tmp_path / "stop")
+    assert stopped.status == "diverged" and raised.value.step == stopped.diverged_step  # one numbering of steps
     summary = train(tiny(**base, **{"train.nonfinite": "skip", "train.max_skipped_steps": 3}), tmp_path / "skip")
     assert summary.status == "diverged" and "consecutive" in (summary.cause or "")
     assert summary.skipped_steps >= 3

@@ -247,7 +247,9 @@ def _train_seeds(
             recipe = trial_recipe(space, seed_values, driver_cwd)
             summary = train(recipe, seed_dir, resume=resume, reporter=on_report)
         except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome
-            return TrialOutcome(status=TrialStatus.DIVERGED, cause=str(err), run_dir=str(seed_dir))
+            return TrialOutcome(
+                status=TrialStatus.DIVERGED, cause=str(err), diverged_step=err.step, run_dir=str(seed_dir)
+            )
         outcome = outcome_from_summary(space, summary, seed_values, time.perf_counter() - start)
         outcome.cause = instability() or outcome.cause
         return outcome
@@ -309,7 +311,13 @@ def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cw
     try:
         summary = _train(space, recipe, run_dir, resume, on_report)  # type: ignore[arg-type]
     except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome, not a Ray error to retry
-        outcome = {**ident, "status": TrialStatus.DIVERGED, "cause": str(err), "trial_s": trial_s()}
+        outcome = {
+            **ident,
+            "status": TrialStatus.DIVERGED,
+            "cause": str(err),
+            "diverged_step": err.step,
+            "trial_s": trial_s(),
+        }
         tune.report(_final(ident, outcome, diverged=1))
         return
     if reporter.stopped:

@@ -55,7 +55,7 @@ def run_trial(
     """Train one configuration into ``run_dir``. ``report(step, metrics)`` returning True stops it as pruned; so
     does the study's instability pruner (the outcome's cause then says why). A search trial (one with ``report``)
     that a signal stops raises :class:`TrialInterrupted`: it was not pruned; seed repeats return it as stopped."""
-    from ..train import train
+    from ..train import TrainingDiverged, train
 
     start = time.perf_counter()
     quiet = trial_recipe(space, values)
@@ -72,7 +72,16 @@ def run_trial(
             asked_to_stop.append(step)
         return stop
 
-    summary = train(quiet, run_dir, resume=resume, reporter=noting_stops if reporter is not None else None)
+    try:
+        summary = train(quiet, run_dir, resume=resume, reporter=noting_stops if reporter is not None else None)
+    except TrainingDiverged as err:  # `nonfinite: raise` recipes: an outcome of the configuration, as on Ray
+        return TrialOutcome(
+            status=TrialStatus.DIVERGED,
+            cause=str(err),
+            diverged_step=err.step,
+            run_dir=str(run_dir),
+            trial_s=time.perf_counter() - start,
+        )
     if report is not None and summary.status == TrialStatus.STOPPED and not asked_to_stop:
         raise TrialInterrupted(summary.cause or "stopped", summary.steps)
     outcome = outcome_from_summary(space, summary, values, time.perf_counter() - start)

@@ -42,7 +42,12 @@ def gradient_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
 
 
 class TrainingDiverged(FloatingPointError):
-    """Raised with ``nonfinite: raise`` when the loss or the gradients stop being finite."""
+    """Raised with ``nonfinite: raise`` when the loss or the gradients stop being finite; ``step`` is the step that
+    diverged, numbered as a ``stop`` policy's ``diverged_step``."""
+
+    def __init__(self, what: str, step: int) -> None:
+        super().__init__(f"non-finite {what} at step {step}")
+        self.step = step
 
 
 class OptimizerStep:
@@ -128,7 +133,7 @@ class OptimizerStep:
         self.tracker.nonfinite_events += 1
         policy = self.cfg.nonfinite
         if policy == "raise":
-            raise TrainingDiverged(f"non-finite {what} at step {self.step}")
+            raise TrainingDiverged(what, self.step + 1)  # the trainer counts this step once it has ended
         if policy == "stop":
             return f"non-finite {what}"
         self.tracker.skipped()
