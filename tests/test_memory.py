@@ -559,6 +559,85 @@ def test_ray_backend_prunes_over_memory_trials_the_same_way(tmp_path: Path) -> N
     assert attrs["status"] == "over_memory" and attrs["memory"]["peak_bytes"] > 0.001 * memory.GIB
 
 
+OOM_MESSAGE = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)"
+
+
+def test_a_trial_that_runs_out_of_cuda_memory_while_training_is_over_memory_and_the_search_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both branches predicted under the space's 1 GiB, and the wide one runs out of CUDA memory all the same at its
+    second step (a device with less free memory; raised here as torch raises it): that trial is PRUNED as
+    over_memory with the error, the other trains. It ended the worker with a traceback."""
+    import optuna
+    from rich.console import Console
+
+    from nvae_search.search.report import build_report
+    from nvae_search.search.runner import load_study, run_optuna_search
+    from nvae_search.spaces import load_space
+    from nvae_search.train import Trainer
+
+    real_step = Trainer.train_step
+
+    def oom_when_wide(self: Trainer, x: torch.Tensor) -> Any:
+        if self.recipe.model.num_channels_enc == 32 and self.step == 1:
+            raise torch.cuda.OutOfMemoryError(OOM_MESSAGE + "\nIf reserved but unallocated memory is large ...")
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", oom_when_wide)
+    study_dir = run_optuna_search(load_space(write_space(tmp_path, 1.0)), root=tmp_path / "runs")
+    by_width = {t.params["model.num_channels_enc"]: t for t in load_study(study_dir)[0].trials}
+    wide, narrow = by_width[32], by_width[4]
+    assert wide.state == optuna.trial.TrialState.PRUNED and wide.user_attrs["status"] == "over_memory"
+    assert wide.user_attrs["oom"] == OOM_MESSAGE and "measured" in wide.user_attrs["cause"]
+    assert narrow.state == optuna.trial.TrialState.COMPLETE
+    console = Console(record=True, width=300)
+    build_report(study_dir, console=console)
+    assert f"trial {wide.number}: out of CUDA memory while training (measured): {OOM_MESSAGE}" in console.export_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory error needs a CUDA device")
+def test_a_real_cuda_out_of_memory_error_in_a_trial_is_over_memory_and_the_next_trial_trains_on_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+
+    from nvae_search.search.runner import load_study, run_optuna_search
+    from nvae_search.spaces import load_space
+    from nvae_search.train import Trainer
+
+    real_step = Trainer.train_step
+
+    def petabyte_when_wide(self: Trainer, x: torch.Tensor) -> Any:
+        if self.recipe.model.num_channels_enc == 32:
+            torch.empty(1 << 50, dtype=torch.uint8, device=x.device)  # 1 PiB: the caching allocator refuses it
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", petabyte_when_wide)
+    study_dir = run_optuna_search(load_space(write_space(tmp_path, 1.0)), root=tmp_path / "runs")
+    by_width = {t.params["model.num_channels_enc"]: t for t in load_study(study_dir)[0].trials}
+    wide, narrow = by_width[32], by_width[4]
+    assert wide.state == optuna.trial.TrialState.PRUNED and wide.user_attrs["status"] == "over_memory"
+    assert "out of memory" in wide.user_attrs["oom"].lower()
+    assert narrow.state == optuna.trial.TrialState.COMPLETE and narrow.user_attrs["peak_memory"] > 0  # on CUDA
+
+
+def test_a_ray_trial_out_of_cuda_memory_is_pruned_as_over_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+    from ray import tune
+
+    from nvae_search.search import ray_backend, ray_trainable
+    from nvae_search.search.constraints import OutOfDeviceMemory, out_of_memory_as_over_memory
+
+    with pytest.raises(OutOfDeviceMemory) as caught, out_of_memory_as_over_memory():
+        raise torch.cuda.OutOfMemoryError(OOM_MESSAGE + "\nmore lines")
+    reported: list[dict] = []
+    monkeypatch.setattr(tune, "report", reported.append)
+    ray_trainable._report_invalid({"run_dir": "r"}, caught.value, 1.5)
+    state, values, attrs = ray_backend._decide(reported[0], False, {})
+    assert state == optuna.trial.TrialState.PRUNED and values is None
+    assert attrs["status"] == "over_memory" and attrs["oom"] == OOM_MESSAGE and "measured" in attrs["cause"]
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, "lots"])
 def test_space_memory_limit_must_be_a_positive_number(tmp_path: Path, bad: object) -> None:
     from nvae_search.config_io import ConfigError

@@ -2,11 +2,15 @@
 
 A trial predicted (by :mod:`nvae_search.memory`, on fake tensors) to need more than ``constraints.gpu_memory_gib`` is
 pruned with status ``over_memory`` and the prediction, untrained: out-of-memory at trial start is the most common
-failure NVAE users report.
+failure NVAE users report. One that runs out of CUDA memory all the same (no limit set, or a device with less free
+memory than the limit says) ends the same way, with ``oom`` recording the error, and the worker goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
 from typing import Any
 
 from ..schema import Recipe
@@ -14,7 +18,7 @@ from ..spaces import Space
 from ..status import TrialStatus
 from .trial import InvalidCombination
 
-__all__ = ["OverMemory", "check_memory_constraint"]
+__all__ = ["OutOfDeviceMemory", "OverMemory", "check_memory_constraint", "out_of_memory_as_over_memory"]
 
 GIB = 2**30
 
@@ -44,3 +48,33 @@ def check_memory_constraint(space: Space, recipe: Recipe, workers: int = 1) -> A
     if prediction.peak_bytes > limit * GIB:
         raise OverMemory(prediction, limit)
     return prediction
+
+
+class OutOfDeviceMemory(InvalidCombination):
+    """A trial that ran out of CUDA memory while it trained: the configuration does not fit this device. Pruned with
+    status ``over_memory`` like a predicted overflow, not a failure that would end the worker."""
+
+    status = TrialStatus.OVER_MEMORY
+
+    def __init__(self, error: str) -> None:
+        super().__init__(f"out of CUDA memory while training (measured): {error}")
+        self.attrs: dict[str, Any] = {"oom": error}
+
+
+@contextlib.contextmanager
+def out_of_memory_as_over_memory() -> Iterator[None]:
+    """Turn ``torch.cuda.OutOfMemoryError`` raised inside into :class:`OutOfDeviceMemory`, after the failed trial's
+    tensors are freed and the caching allocator's blocks returned, so the worker's next trial starts clean."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        error = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+    else:
+        return
+    # The traceback (and the trainer's tensors its frames hold) is gone once the except block has ended.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise OutOfDeviceMemory(error)

@@ -30,6 +30,7 @@ from ..config_io import atomic_write_text
 from ..rundir import RAY_TRIAL_PREFIX as TRIAL_PREFIX
 from ..rundir import ray_trial_dir
 from ..status import BROKE, TrialStatus
+from .constraints import OutOfDeviceMemory, out_of_memory_as_over_memory
 from .instability import with_instability
 from .ray_searcher import METRIC, PLACEHOLDER
 from .retention import CHECKPOINT_FILE as CHECKPOINT_NAME
@@ -270,6 +271,15 @@ def _train_seeds(
     )
 
 
+def _report_invalid(ident: dict[str, Any], err: InvalidCombination, trial_s: float) -> None:
+    """The final result of a trial the schema rejects or that does not fit in memory (PRUNED in Optuna)."""
+    from ray import tune
+
+    status = getattr(err, "status", TrialStatus.INVALID)  # or over_memory, with the prediction or the error in attrs
+    outcome = {**ident, **getattr(err, "attrs", {}), "status": status, "cause": str(err), "trial_s": trial_s}
+    tune.report(_final(ident, outcome, invalid=1))
+
+
 def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cwd: str) -> None:
     """One Ray Tune trial: train the configuration in ``<study>/trials/ray_<trial id>/`` and report."""
     from ray import tune
@@ -291,9 +301,7 @@ def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cw
     try:
         recipe = trial_recipe(space, values, driver_cwd)
     except InvalidCombination as err:
-        status = getattr(err, "status", TrialStatus.INVALID)  # or over_memory, with the prediction in attrs
-        outcome = {**ident, **getattr(err, "attrs", {}), "status": status, "cause": str(err)}
-        tune.report(_final(ident, {**outcome, "trial_s": time.perf_counter() - start}, invalid=1))
+        _report_invalid(ident, err, time.perf_counter() - start)
         return
 
     resume, reported_step, earlier_s = _restore_run_dir(run_dir)
@@ -305,11 +313,15 @@ def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cw
         return earlier_s + time.perf_counter() - start
 
     reporter = _Reporter(run_dir, ident, unit_for(recipe.model.output.distribution), reported_step, trial_s)
-    if space.study.aggregate is not None:  # objectives over seeds: the driver shared with the Optuna backend
-        return _train_seeds(space, values, run_dir, driver_cwd, reporter, ident)
-    on_report, instability = with_instability(space, reporter)  # the study's instability pruner, if any
     try:
-        summary = _train(space, recipe, run_dir, resume, on_report)  # type: ignore[arg-type]
+        with out_of_memory_as_over_memory():
+            if space.study.aggregate is not None:  # objectives over seeds: the driver shared with the Optuna backend
+                return _train_seeds(space, values, run_dir, driver_cwd, reporter, ident)
+            on_report, instability = with_instability(space, reporter)  # the study's instability pruner, if any
+            summary = _train(space, recipe, run_dir, resume, on_report)  # type: ignore[arg-type]
+    except OutOfDeviceMemory as err:
+        _report_invalid(ident, err, trial_s())
+        return
     except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome, not a Ray error to retry
         outcome = {
             **ident,

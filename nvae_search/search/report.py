@@ -200,9 +200,12 @@ def _write_tables(
 
 
 def _over_memory_lines(trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
-    """One line per trial pruned untrained as predicted over the space's GPU memory limit."""
+    """One line per trial pruned as over memory: predicted over the space's GPU memory limit (not trained), or
+    out of CUDA memory while it trained (``oom``)."""
     return [
-        f"trial {t.number}: not trained, {t.user_attrs.get('cause', 'predicted over the memory limit')}"
+        f"trial {t.number}: "
+        + ("" if t.user_attrs.get("oom") else "not trained, ")
+        + str(t.user_attrs.get("cause") or "predicted over the memory limit")
         for t in trials
         if t.user_attrs.get("status") == TrialStatus.OVER_MEMORY
     ]

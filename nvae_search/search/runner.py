@@ -23,6 +23,7 @@ from ..rundir import TRIALS_DIR
 from ..spaces import Space, apply_params
 from ..status import BROKE, TrialStatus
 from ..tracking import study_tracking
+from .constraints import out_of_memory_as_over_memory
 from .instability import with_instability
 from .seeds import run_configuration
 from .storage import check_storage, fail_as_interrupted, open_storage, resolve_storage_url, workers_lock
@@ -73,7 +74,8 @@ def run_trial(
         return stop
 
     try:
-        summary = train(quiet, run_dir, resume=resume, reporter=noting_stops if reporter is not None else None)
+        with out_of_memory_as_over_memory():
+            summary = train(quiet, run_dir, resume=resume, reporter=noting_stops if reporter is not None else None)
     except TrainingDiverged as err:  # `nonfinite: raise` recipes: an outcome of the configuration, as on Ray
         return TrialOutcome(
             status=TrialStatus.DIVERGED,
