@@ -64,19 +64,13 @@ def run_trial(
     atomic_write_text(run_dir / "params.json", json.dumps(dict(values), indent=2, default=str))
     # a search trial (one with a reporter) also answers to the instability pruner; seed repeats run to their end
     reporter, instability = with_instability(space, report) if report is not None else (None, lambda: None)
-    asked_to_stop: list[int] = []
-
-    def noting_stops(step: int, metrics: dict[str, Any]) -> bool:
-        assert reporter is not None
-        stop = reporter(step, metrics)
-        if stop:
-            asked_to_stop.append(step)
-        return stop
-
+    noting = _NotingStops(reporter) if reporter is not None else None
     try:
         with out_of_memory_as_over_memory():
-            summary = train(quiet, run_dir, resume=resume, reporter=noting_stops if reporter is not None else None)
-    except TrainingDiverged as err:  # `nonfinite: raise` recipes: an outcome of the configuration, as on Ray
+            summary = train(quiet, run_dir, resume=resume, reporter=noting)
+    except TrainingDiverged as err:  # `nonfinite: raise` in a search: an outcome of the configuration, as on Ray
+        if noting is None:
+            raise  # a seed repeat records it as its error (repeat_error.json), having no summary to read back
         return TrialOutcome(
             status=TrialStatus.DIVERGED,
             cause=str(err),
@@ -84,12 +78,25 @@ def run_trial(
             run_dir=str(run_dir),
             trial_s=time.perf_counter() - start,
         )
-    if report is not None and summary.status == TrialStatus.STOPPED and not asked_to_stop:
-        raise TrialInterrupted(summary.cause or "stopped", summary.steps)
+    if noting is not None and summary.status == TrialStatus.STOPPED and not noting.asked:
+        raise TrialInterrupted(summary.cause or "stopped", summary.steps)  # by a signal, not by the search
     outcome = outcome_from_summary(space, summary, values, time.perf_counter() - start)
     if outcome.status == TrialStatus.STOPPED and instability():
         outcome.cause = instability()
     return outcome
+
+
+class _NotingStops:
+    """A search trial's reporter that notes whether it asked the run to stop: a run that stopped without being asked
+    was stopped by a signal (SIGINT, SIGTERM), which is not an outcome of the configuration."""
+
+    def __init__(self, inner: Callable[[int, dict[str, Any]], bool]) -> None:
+        self.inner, self.asked = inner, False
+
+    def __call__(self, step: int, metrics: dict[str, Any]) -> bool:
+        stop = self.inner(step, metrics)
+        self.asked = self.asked or stop
+        return stop
 
 
 def trial_recipe(space: Space, values: Mapping[str, Any], workers: int = 1, **train_updates: Any) -> Recipe:
