@@ -258,6 +258,29 @@ def test_both_backends_record_a_raised_divergence_as_diverged_at_its_step_and_go
     assert healthy.state == State.COMPLETE and healthy.user_attrs["status"] in WITH_VALUE
 
 
+def exceptions_that_carry_an_outcome() -> list[BaseException]:
+    from nvae_search.search.constraints import OutOfDeviceMemory
+    from nvae_search.search.trial import TrialInterrupted
+    from nvae_search.train import TrainingDiverged
+
+    return [
+        TrainingDiverged("loss", 3),
+        TrialInterrupted("interrupted by SIGTERM", 4),
+        OutOfDeviceMemory("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ]
+
+
+@pytest.mark.parametrize("err", exceptions_that_carry_an_outcome(), ids=lambda e: type(e).__name__)
+def test_exceptions_that_carry_an_outcome_cross_processes_whole(err: BaseException) -> None:
+    """Ray and spawned ranks pickle what a trial raises; an exception whose constructor takes its fields would not
+    be rebuilt from its message alone."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err) and str(back) == str(err)
+    assert {k: v for k, v in vars(back).items()} == {k: v for k, v in vars(err).items()}
+
+
 # ---------------------------------------------------------------------------------------------- the report
 def test_wilson_interval_of_small_seed_counts() -> None:
     assert wilson_interval(0, 0) is None

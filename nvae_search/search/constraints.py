@@ -60,6 +60,9 @@ class OutOfDeviceMemory(InvalidCombination):
         super().__init__(f"out of CUDA memory while training (measured): {error}")
         self.attrs: dict[str, Any] = {"oom": error}
 
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return type(self), (self.attrs["oom"],)
+
 
 @contextlib.contextmanager
 def out_of_memory_as_over_memory() -> Iterator[None]:

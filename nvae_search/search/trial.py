@@ -54,6 +54,9 @@ class TrialInterrupted(KeyboardInterrupt):
         super().__init__(f"{cause} at step {step}")
         self.cause, self.step = cause, step
 
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        return type(self), (self.cause, self.step)
+
 
 class InvalidCombination(Exception):
     """A sampled combination that the recipe schema rejects."""

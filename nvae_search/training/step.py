@@ -47,7 +47,10 @@ class TrainingDiverged(FloatingPointError):
 
     def __init__(self, what: str, step: int) -> None:
         super().__init__(f"non-finite {what} at step {step}")
-        self.step = step
+        self.what, self.step = what, step
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # pickled whole across processes (Ray, spawned ranks)
+        return type(self), (self.what, self.step)
 
 
 class OptimizerStep:
