@@ -156,6 +156,30 @@ def test_repeat_resumes_a_stopped_run_and_restarts_one_cut_off_before_its_checkp
     assert run_repeats(study_dir).ran == []  # done: nothing left to run
 
 
+def test_a_repeat_that_runs_out_of_cuda_memory_is_recorded_as_over_memory_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_single_thread: None
+) -> None:
+    import torch
+
+    from nvae_search.train import Trainer
+
+    study_dir, _space = make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6, 7]})
+    real_step = Trainer.train_step
+
+    def oom_for_seed_6(self: Trainer, x: Any) -> Any:
+        if self.recipe.train.seed == 6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", oom_for_seed_6)
+    result = run_repeats(study_dir)
+    assert [job.seed for job, _status in result.ran] == [7]
+    ((failed, error),) = result.failed
+    assert failed.seed == 6 and "out of CUDA memory while training" in error
+    recorded = json.loads((failed.run_dir / "repeat_error.json").read_text())
+    assert recorded["status"] == "over_memory"  # not "invalid": the configuration is valid, the device too small
+
+
 def test_repeat_command_errors_are_one_screen_exit_2(handmade_study: tuple[Path, Space], tmp_path: Path) -> None:
     study_dir, _space = handmade_study
     bad = invoke("repeat", str(study_dir), "--backend", "dask")

@@ -108,8 +108,8 @@ def _train_repeat(space: Space, job: RepeatJob) -> tuple[str, str | None]:
     """(final status, error or None): one broken repeat must not stop the others."""
     try:
         return run_one(space, job), None
-    except InvalidCombination as err:
-        return TrialStatus.INVALID, str(err)
+    except InvalidCombination as err:  # or out of CUDA memory while training: over_memory
+        return getattr(err, "status", TrialStatus.INVALID), str(err)
     except Exception as err:
         return TrialStatus.FAILED, f"{type(err).__name__}: {err}"
 
@@ -208,7 +208,7 @@ def _ray_repeat(config: dict[str, Any], *, space: Space, jobs: list[RepeatJob], 
         try:
             status = run_one(space, jobs[index])
         except InvalidCombination as err:  # not worth a retry; other errors are Ray's to retry (max_failures)
-            status, error = TrialStatus.INVALID, str(err)
+            status, error = getattr(err, "status", TrialStatus.INVALID), str(err)
     tune.report({"job": index, "status": status, "error": error})
 
 
