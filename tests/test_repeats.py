@@ -153,6 +153,7 @@ def test_repeat_resumes_a_stopped_run_and_restarts_one_cut_off_before_its_checkp
     assert [status for _job, status in restarted.ran] == ["completed"]
     assert started[-1] == (6, False)
     assert steps_logged(run_dir) == logged
+    assert len(list((run_dir / "tb").glob("events.*"))) == 1  # the cut-off attempt's files went with it
     assert run_repeats(study_dir).ran == []  # done: nothing left to run
 
 
@@ -178,6 +179,73 @@ def test_a_repeat_that_runs_out_of_cuda_memory_is_recorded_as_over_memory_and_th
     assert failed.seed == 6 and "out of CUDA memory while training" in error
     recorded = json.loads((failed.run_dir / "repeat_error.json").read_text())
     assert recorded["status"] == "over_memory"  # not "invalid": the configuration is valid, the device too small
+    # On a larger device the same command trains it, and its error record goes.
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    again = run_repeats(study_dir)
+    assert [(job.seed, status) for job, status in again.ran] == [(6, "completed")] and not again.failed
+    assert not (failed.run_dir / "repeat_error.json").exists()
+
+
+def test_a_signal_during_a_repeat_stops_the_command_there_and_the_next_call_resumes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_single_thread: None
+) -> None:
+    """SIGTERM (a scheduler's, before preemption) while seed 6 trains: it checkpoints and stops, and the command
+    ends there instead of going on to seed 7."""
+    import os
+    import signal
+
+    from nvae_search.train import Trainer
+
+    study_dir, _space = make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6, 7]})
+    real_step = Trainer.train_step
+
+    def sigterm_at_step_3_of_seed_6(self: Trainer, x: Any) -> Any:
+        if self.recipe.train.seed == 6 and self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", sigterm_at_step_3_of_seed_6)
+    stopped = run_repeats(study_dir)
+    assert [(job.seed, status) for job, status in stopped.ran] == [(6, "stopped")]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed: list[tuple[int, bool]] = []
+    rest = run_repeats(
+        study_dir, on_start=lambda job, i, n, from_checkpoint: resumed.append((job.seed, from_checkpoint))
+    )
+    assert resumed == [(6, True), (7, False)]
+    assert [status for _job, status in rest.ran] == ["completed", "completed"]
+
+
+def test_a_repeat_that_failed_after_its_checkpoint_loses_its_error_record_once_it_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_single_thread: None
+) -> None:
+    """Stopped (checkpointed), resumed into an error, resumed again to its end: the error record is not left to
+    contradict the finished run."""
+    import os
+    import signal
+
+    from nvae_search.train import Trainer
+
+    study_dir, _space = make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6]})
+    real_step = Trainer.train_step
+
+    def sigterm_at_step_3(self: Trainer, x: Any) -> Any:
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, x)
+
+    def broken(self: Trainer, x: Any) -> Any:
+        raise RuntimeError("NCCL error: unhandled system error")
+
+    monkeypatch.setattr(Trainer, "train_step", sigterm_at_step_3)
+    assert [status for _job, status in run_repeats(study_dir).ran] == ["stopped"]
+    monkeypatch.setattr(Trainer, "train_step", broken)
+    ((job, error),) = run_repeats(study_dir).failed
+    assert "NCCL error" in error and (job.run_dir / "repeat_error.json").is_file()
+    assert (job.run_dir / "checkpoint.pt").is_file()  # the stop's checkpoint: the next call resumes from it
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert [status for _job, status in run_repeats(study_dir).ran] == ["completed"]
+    assert not (job.run_dir / "repeat_error.json").exists()
 
 
 def test_repeat_command_errors_are_one_screen_exit_2(handmade_study: tuple[Path, Space], tmp_path: Path) -> None:
