@@ -20,7 +20,7 @@ from nvae_search.cli import app
 from nvae_search.schema.recipe import TrainConfig
 from nvae_search.search.report import build_report
 from nvae_search.search.trajectories import read_trajectory, wilson_interval
-from nvae_search.search.trial import OUTCOME_KEYS, TrialOutcome
+from nvae_search.search.trial import OUTCOME_KEYS, TrialOutcome, config_id
 from nvae_search.spaces import load_space
 from nvae_search.status import BROKE, WITH_VALUE, TrialStatus, completed_outcome
 from nvae_search.telemetry import StabilityTracker
@@ -255,6 +255,7 @@ def test_both_backends_record_a_raised_divergence_as_diverged_at_its_step_and_go
     assert diverged.state == State.FAIL and diverged.user_attrs["status"] == "diverged"
     step = diverged.user_attrs["diverged_step"]
     assert 1 <= step <= 6 and diverged.user_attrs["cause"] == f"non-finite loss at step {step}"
+    assert diverged.user_attrs["config_id"] == config_id({"train.learning_rate": 1000.0, "train.nonfinite": "raise"})
     assert healthy.state == State.COMPLETE and healthy.user_attrs["status"] in WITH_VALUE
 
 

@@ -35,7 +35,7 @@ from .instability import with_instability
 from .ray_searcher import METRIC, PLACEHOLDER
 from .retention import CHECKPOINT_FILE as CHECKPOINT_NAME
 from .seeds import run_configuration
-from .trial import InvalidCombination, TrialOutcome, config_id, outcome_from_summary
+from .trial import InvalidCombination, TrialOutcome, config_id, outcome_from_summary, raised_divergence_outcome
 
 if TYPE_CHECKING:
     from ..schema import Recipe
@@ -248,9 +248,7 @@ def _train_seeds(
             recipe = trial_recipe(space, seed_values, driver_cwd)
             summary = train(recipe, seed_dir, resume=resume, reporter=on_report)
         except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome
-            return TrialOutcome(
-                status=TrialStatus.DIVERGED, cause=str(err), diverged_step=err.step, run_dir=str(seed_dir)
-            )
+            return raised_divergence_outcome(seed_values, str(err), err.step, seed_dir, time.perf_counter() - start)
         outcome = outcome_from_summary(space, summary, seed_values, time.perf_counter() - start)
         outcome.cause = instability() or outcome.cause
         return outcome
@@ -323,14 +321,8 @@ def ray_trial(config: dict[str, Any], *, space: Space, study_dir: str, driver_cw
         _report_invalid(ident, err, trial_s())
         return
     except TrainingDiverged as err:  # `nonfinite: raise` recipes: still an outcome, not a Ray error to retry
-        outcome = {
-            **ident,
-            "status": TrialStatus.DIVERGED,
-            "cause": str(err),
-            "diverged_step": err.step,
-            "trial_s": trial_s(),
-        }
-        tune.report(_final(ident, outcome, diverged=1))
+        outcome = raised_divergence_outcome(values, str(err), err.step, run_dir, trial_s())
+        tune.report(_final(ident, outcome.attrs, diverged=1))
         return
     if reporter.stopped:
         # Ray already holds the outcome (the last result it saw). Leave by SystemExit(0), as Ray's own stop does:

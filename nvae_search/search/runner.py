@@ -34,6 +34,7 @@ from .trial import (
     TrialInterrupted,
     TrialOutcome,
     outcome_from_summary,
+    raised_divergence_outcome,
 )
 from .trial import load_study as load_study  # where callers of the Optuna backend have always found it
 
@@ -71,13 +72,7 @@ def run_trial(
     except TrainingDiverged as err:  # `nonfinite: raise` in a search: an outcome of the configuration, as on Ray
         if noting is None:
             raise  # a seed repeat records it as its error (repeat_error.json), having no summary to read back
-        return TrialOutcome(
-            status=TrialStatus.DIVERGED,
-            cause=str(err),
-            diverged_step=err.step,
-            run_dir=str(run_dir),
-            trial_s=time.perf_counter() - start,
-        )
+        return raised_divergence_outcome(values, str(err), err.step, run_dir, time.perf_counter() - start)
     if noting is not None and summary.status == TrialStatus.STOPPED and not noting.asked:
         raise TrialInterrupted(summary.cause or "stopped", summary.steps)  # by a signal, not by the search
     outcome = outcome_from_summary(space, summary, values, time.perf_counter() - start)

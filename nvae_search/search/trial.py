@@ -36,6 +36,7 @@ __all__ = [
     "config_id",
     "load_study",
     "outcome_from_summary",
+    "raised_divergence_outcome",
 ]
 
 STUDY_FILE = "study.json"
@@ -149,15 +150,18 @@ def _from_summary(summary: RunSummary, source: str) -> Any:
     return getattr(summary, source, None)
 
 
+def _identity(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The outcome fields that name the configuration a run trained."""
+    return {
+        "config_id": config_id(values),
+        "seed": values.get("train.seed"),
+        "recipe_values": json.dumps(values, default=str),
+    }
+
+
 def outcome_from_summary(space: Space, summary: RunSummary, values: Mapping[str, Any], trial_s: float) -> TrialOutcome:
     filled = {f.name: _from_summary(summary, f.metadata["source"]) for f in _stored_fields() if f.metadata["source"]}
-    outcome = TrialOutcome(
-        **{**filled, "status": TrialStatus(summary.status)},
-        trial_s=trial_s,
-        config_id=config_id(values),
-        seed=values.get("train.seed"),
-        recipe_values=json.dumps(values, default=str),
-    )
+    outcome = TrialOutcome(**{**filled, "status": TrialStatus(summary.status)}, trial_s=trial_s, **_identity(values))
     if outcome.status in WITH_VALUE:  # completed, collapsed or spiky: the objective values count
         metrics = [_metric(summary, o.metric) for o in space.study.objectives]
         if all(m is not None and math.isfinite(m) for m in metrics):
@@ -165,6 +169,21 @@ def outcome_from_summary(space: Space, summary: RunSummary, values: Mapping[str,
         else:
             outcome.status, outcome.cause = TrialStatus.DIVERGED, "non-finite objective at the end of the run"
     return outcome
+
+
+def raised_divergence_outcome(
+    values: Mapping[str, Any], cause: str, step: int, run_dir: str | Path, trial_s: float
+) -> TrialOutcome:
+    """The outcome of a run whose training raised at its first non-finite loss or gradient (``train.nonfinite:
+    raise``, ``TrainingDiverged``): diverged at that step, with no summary to read the other figures from."""
+    return TrialOutcome(
+        status=TrialStatus.DIVERGED,
+        cause=cause,
+        diverged_step=step,
+        run_dir=str(run_dir),
+        trial_s=trial_s,
+        **_identity(values),
+    )
 
 
 def _jsonable(value: Any) -> Any:
