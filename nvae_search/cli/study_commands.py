@@ -81,10 +81,12 @@ def search(
     finally:
         view.stop()
     if interrupted is not None:
-        console.print(
-            f"[yellow]search stopped[/] ({interrupted}): a trial it was training is failed as interrupted, not "
-            "counted, and runs again from its start; run the same command to continue the study"
+        after = (
+            "the next run restores its Ray experiment"
+            if backend == "ray"
+            else "a trial it was training is failed as interrupted, not counted, and runs again from its start"
         )
+        console.print(f"[yellow]search stopped[/] ({interrupted}): {after}; run the same command to continue the study")
         return
     console.print(f"search finished in {time.perf_counter() - start:.0f} s; study directory: [bold]{study_dir}[/]")
     console.print(f"next: nvae-search report {study_dir}")
