@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,28 @@ def torch_single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+StepHook = Callable[[Any, Any], None]  # (trainer, batch): runs before a training step, may raise or signal there
+
+
+@pytest.fixture
+def before_train_step(monkeypatch: pytest.MonkeyPatch) -> Callable[[StepHook | None], None]:
+    """``install(hook)`` runs ``hook(trainer, batch)`` before every training step in this process (to raise, signal
+    or allocate where a real step would); ``install(None)`` restores the plain step."""
+    from nvae_search.train import Trainer
+
+    real_step = Trainer.train_step
+
+    def install(hook: StepHook | None) -> None:
+        def step(self: Trainer, x: Any) -> Any:
+            if hook is not None:
+                hook(self, x)
+            return real_step(self, x)
+
+        monkeypatch.setattr(Trainer, "train_step", step)
+
+    return install
 
 
 def event_trace(batch: int, events: list[tuple[str, Any]]) -> Any:

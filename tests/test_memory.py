@@ -564,29 +564,21 @@ OOM_MESSAGE = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB
 
 
 def search_where_the_wide_trial_steps_first_into(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before_step: Callable[[torch.Tensor], None]
+    tmp_path: Path, before_train_step: Callable[[Any], None], before_step: Callable[[torch.Tensor], None]
 ) -> tuple[Path, Any, Any]:
     """The memory space (both branches predicted under its 1 GiB) searched with ``before_step`` run before every
     training step of the wide branch; returns the study directory and its wide and narrow trials."""
     from nvae_search.search.runner import load_study, run_optuna_search
     from nvae_search.spaces import load_space
-    from nvae_search.train import Trainer
 
-    real_step = Trainer.train_step
-
-    def step(self: Trainer, x: torch.Tensor) -> Any:
-        if self.recipe.model.num_channels_enc == 32:
-            before_step(x)
-        return real_step(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", step)
+    before_train_step(lambda trainer, x: before_step(x) if trainer.recipe.model.num_channels_enc == 32 else None)
     study_dir = run_optuna_search(load_space(write_space(tmp_path, 1.0)), root=tmp_path / "runs")
     by_width = {t.params["model.num_channels_enc"]: t for t in load_study(study_dir)[0].trials}
     return study_dir, by_width[32], by_width[4]
 
 
 def test_a_trial_that_runs_out_of_cuda_memory_while_training_is_over_memory_and_the_search_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, before_train_step: Callable[[Any], None]
 ) -> None:
     """Both branches predicted under the space's 1 GiB, and the wide one runs out of CUDA memory all the same (a
     device with less free memory; raised here as torch raises it): that trial is PRUNED as over_memory with the
@@ -599,7 +591,7 @@ def test_a_trial_that_runs_out_of_cuda_memory_while_training_is_over_memory_and_
     def out_of_memory(_x: torch.Tensor) -> None:
         raise torch.cuda.OutOfMemoryError(OOM_MESSAGE + "\nIf reserved but unallocated memory is large ...")
 
-    study_dir, wide, narrow = search_where_the_wide_trial_steps_first_into(tmp_path, monkeypatch, out_of_memory)
+    study_dir, wide, narrow = search_where_the_wide_trial_steps_first_into(tmp_path, before_train_step, out_of_memory)
     assert wide.state == optuna.trial.TrialState.PRUNED and wide.user_attrs["status"] == "over_memory"
     assert wide.user_attrs["oom"] == OOM_MESSAGE and "measured" in wide.user_attrs["cause"]
     assert narrow.state == optuna.trial.TrialState.COMPLETE
@@ -610,14 +602,14 @@ def test_a_trial_that_runs_out_of_cuda_memory_while_training_is_over_memory_and_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory error needs a CUDA device")
 def test_a_real_cuda_out_of_memory_error_in_a_trial_is_over_memory_and_the_next_trial_trains_on_cuda(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, before_train_step: Callable[[Any], None]
 ) -> None:
     import optuna
 
     def petabyte(x: torch.Tensor) -> None:
         torch.empty(1 << 50, dtype=torch.uint8, device=x.device)  # 1 PiB: the caching allocator refuses it
 
-    _study_dir, wide, narrow = search_where_the_wide_trial_steps_first_into(tmp_path, monkeypatch, petabyte)
+    _study_dir, wide, narrow = search_where_the_wide_trial_steps_first_into(tmp_path, before_train_step, petabyte)
     assert wide.state == optuna.trial.TrialState.PRUNED and wide.user_attrs["status"] == "over_memory"
     assert "out of memory" in wide.user_attrs["oom"].lower()
     assert narrow.state == optuna.trial.TrialState.COMPLETE and narrow.user_attrs["peak_memory"] > 0  # on CUDA

@@ -7,6 +7,9 @@ what is missing, `repeat` training it, `report` reading it, and `repeat` resumin
 from __future__ import annotations
 
 import json
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from nvae_search.search.trial import config_id
 from nvae_search.spaces import Space, load_space
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "cpu" / "tiny.yaml"
+StepInstaller = Callable[[Any], None]  # the before_train_step fixture (conftest)
 runner = CliRunner()
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -158,21 +162,17 @@ def test_repeat_resumes_a_stopped_run_and_restarts_one_cut_off_before_its_checkp
 
 
 def test_a_repeat_that_runs_out_of_cuda_memory_is_recorded_as_over_memory_and_the_others_still_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_single_thread: None
+    tmp_path: Path, before_train_step: StepInstaller, torch_single_thread: None
 ) -> None:
     import torch
 
-    from nvae_search.train import Trainer
-
     study_dir, _space = make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6, 7]})
-    real_step = Trainer.train_step
 
-    def oom_for_seed_6(self: Trainer, x: Any) -> Any:
-        if self.recipe.train.seed == 6:
+    def oom_for_seed_6(trainer: Any, _x: Any) -> None:
+        if trainer.recipe.train.seed == 6:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        return real_step(self, x)
 
-    monkeypatch.setattr(Trainer, "train_step", oom_for_seed_6)
+    before_train_step(oom_for_seed_6)
     result = run_repeats(study_dir)
     assert [job.seed for job, _status in result.ran] == [7]
     ((failed, error),) = result.failed
@@ -180,34 +180,32 @@ def test_a_repeat_that_runs_out_of_cuda_memory_is_recorded_as_over_memory_and_th
     recorded = json.loads((failed.run_dir / "repeat_error.json").read_text())
     assert recorded["status"] == "over_memory"  # not "invalid": the configuration is valid, the device too small
     # On a larger device the same command trains it, and its error record goes.
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    before_train_step(None)
     again = run_repeats(study_dir)
     assert [(job.seed, status) for job, status in again.ran] == [(6, "completed")] and not again.failed
     assert not (failed.run_dir / "repeat_error.json").exists()
 
 
-def test_a_signal_during_a_repeat_stops_the_command_there_and_the_next_call_resumes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_single_thread: None
-) -> None:
-    """SIGTERM (a scheduler's, before preemption) while seed 6 trains: it checkpoints and stops, and the command
-    ends there instead of going on to seed 7."""
-    import os
-    import signal
+def sigterm_at_step_3(seed: int | None = None) -> Callable[[Any, Any], None]:
+    """A step hook sending this process SIGTERM (a scheduler's, before preemption) at step 3 of ``seed`` (any)."""
 
-    from nvae_search.train import Trainer
-
-    study_dir, _space = make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6, 7]})
-    real_step = Trainer.train_step
-
-    def sigterm_at_step_3_of_seed_6(self: Trainer, x: Any) -> Any:
-        if self.recipe.train.seed == 6 and self.step == 3:
+    def hook(trainer: Any, _x: Any) -> None:
+        if trainer.step == 3 and seed in (None, trainer.recipe.train.seed):
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, x)
 
-    monkeypatch.setattr(Trainer, "train_step", sigterm_at_step_3_of_seed_6)
+    return hook
+
+
+def test_a_signal_during_a_repeat_stops_the_command_there_and_the_next_call_resumes_it(
+    tmp_path: Path, before_train_step: StepInstaller, torch_single_thread: None
+) -> None:
+    """SIGTERM while seed 6 trains: it checkpoints and stops, and the command ends there instead of going on to
+    seed 7."""
+    study_dir, _space = make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6, 7]})
+    before_train_step(sigterm_at_step_3(seed=6))
     stopped = run_repeats(study_dir)
     assert [(job.seed, status) for job, status in stopped.ran] == [(6, "stopped")]
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    before_train_step(None)
     resumed: list[tuple[int, bool]] = []
     rest = run_repeats(
         study_dir, on_start=lambda job, i, n, from_checkpoint: resumed.append((job.seed, from_checkpoint))
@@ -217,33 +215,22 @@ def test_a_signal_during_a_repeat_stops_the_command_there_and_the_next_call_resu
 
 
 def test_a_repeat_that_failed_after_its_checkpoint_loses_its_error_record_once_it_completes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_single_thread: None
+    tmp_path: Path, before_train_step: StepInstaller, torch_single_thread: None
 ) -> None:
     """Stopped (checkpointed), resumed into an error, resumed again to its end: the error record is not left to
     contradict the finished run."""
-    import os
-    import signal
 
-    from nvae_search.train import Trainer
-
-    study_dir, _space = make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6]})
-    real_step = Trainer.train_step
-
-    def sigterm_at_step_3(self: Trainer, x: Any) -> Any:
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, x)
-
-    def broken(self: Trainer, x: Any) -> Any:
+    def broken(_trainer: Any, _x: Any) -> None:
         raise RuntimeError("NCCL error: unhandled system error")
 
-    monkeypatch.setattr(Trainer, "train_step", sigterm_at_step_3)
+    study_dir, _space = make_handmade_study(tmp_path, {"top_k": 1, "seeds": [6]})
+    before_train_step(sigterm_at_step_3())
     assert [status for _job, status in run_repeats(study_dir).ran] == ["stopped"]
-    monkeypatch.setattr(Trainer, "train_step", broken)
+    before_train_step(broken)
     ((job, error),) = run_repeats(study_dir).failed
     assert "NCCL error" in error and (job.run_dir / "repeat_error.json").is_file()
     assert (job.run_dir / "checkpoint.pt").is_file()  # the stop's checkpoint: the next call resumes from it
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    before_train_step(None)
     assert [status for _job, status in run_repeats(study_dir).ran] == ["completed"]
     assert not (job.run_dir / "repeat_error.json").exists()
 

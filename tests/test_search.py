@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -334,16 +335,15 @@ def test_a_trial_another_worker_took_over_is_dropped_and_the_search_goes_on(
 
 
 def test_a_trial_whose_training_raises_is_failed_and_the_error_reaches_the_caller(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, before_train_step: Callable[[Any], None]
 ) -> None:
     """An unexpected error (a bug, a broken device) is not an outcome of the configuration: as in Optuna's optimize,
     the trial is FAIL (status failed) and the error ends the worker, so it is seen rather than repeated per trial."""
-    from nvae_search.train import Trainer
 
-    def broken_step(self: Trainer, x: Any) -> Any:
+    def broken_step(_trainer: Any, _x: Any) -> None:
         raise RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
 
-    monkeypatch.setattr(Trainer, "train_step", broken_step)
+    before_train_step(broken_step)
     path = write_space(tmp_path, "broken", LR, 2, steps=2)
     with pytest.raises(RuntimeError, match="CUDNN_STATUS_INTERNAL_ERROR"):
         run_optuna_search(load_space(path), root=tmp_path / "runs")
